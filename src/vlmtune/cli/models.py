@@ -1,0 +1,7 @@
+"""`vlmtune models`."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass

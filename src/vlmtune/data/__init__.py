@@ -1,0 +1,1 @@
+"""The data layer: schemas, image references, validation, inlining. Knows nothing of models."""

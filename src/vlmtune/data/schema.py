@@ -1,0 +1,75 @@
+"""Normalised row types: what the data layer yields after validation.
+
+Every image reference has been resolved and decoded once (so it is known to be
+valid); the parts keep the encoded bytes, not pixels, so a whole dataset stays small
+in memory. Rendering and the engine decode again (``vlmtune.data.images.decode_image``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Role = Literal["system", "user", "assistant"]
+
+
+@dataclass(frozen=True)
+class TextPart:
+    text: str
+    type: Literal["text"] = "text"
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    """A decoded-and-checked image. ``width``/``height`` are after EXIF orientation."""
+
+    data: bytes  # the encoded bytes as found (PNG/JPEG/WebP/GIF)
+    mime: str  # e.g. "image/png", from the decoded bytes
+    width: int
+    height: int
+    source: str = ""  # where it came from (shortened), for reports
+    type: Literal["image"] = "image"
+
+
+Part = TextPart | ImagePart
+
+
+@dataclass
+class Message:
+    role: Role
+    parts: list[Part]
+    weight: float | None = None  # None: the train_on policy decides; 0 excludes the turn
+
+    @property
+    def images(self) -> list[ImagePart]:
+        return [p for p in self.parts if isinstance(p, ImagePart)]
+
+    @property
+    def text(self) -> str:
+        return "".join(p.text for p in self.parts if isinstance(p, TextPart))
+
+
+@dataclass
+class SFTRow:
+    line: int  # 1-based line number in the source file
+    messages: list[Message]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PreferenceRow:
+    line: int
+    chosen: list[Message]
+    rejected: list[Message]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RLRow:
+    line: int
+    messages: list[Message]  # ends with a user turn
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+Row = SFTRow | PreferenceRow | RLRow
+RowKind = Literal["sft", "preference", "rl"]
