@@ -120,8 +120,11 @@ class TensorData(_Plain):
 
     @classmethod
     def from_torch(cls, tensor: Any) -> TensorData:
-        return cls.from_numpy(tensor.detach().float().cpu().numpy()
-                              if tensor.is_floating_point() else tensor.detach().cpu().numpy())
+        return cls.from_numpy(
+            tensor.detach().float().cpu().numpy()
+            if tensor.is_floating_point()
+            else tensor.detach().cpu().numpy()
+        )
 
     def to_numpy(self) -> np.ndarray:
         arr = np.asarray(self.data, dtype=np.int64 if self.dtype == "int64" else np.float32)

@@ -1,0 +1,251 @@
+"""The TOML job file: typed, validated before any work, every problem reported at once.
+
+The schema is the one users already write for hosted Qwen3-VL fine-tuning
+(``[algorithm]``, ``[job]``, ``[compute]``, ``[training]``, ``[hyperparameters]``,
+``[lora]``, ``[model]``). Unknown keys, wrong types and contradictions all end up in
+one ``ConfigError`` whose lines name the TOML key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AlgorithmConfig(_Section):
+    type: Literal["offline", "online"] = Field(
+        "offline", description="offline (SFT, DPO) or online (RL)"
+    )
+    method: Literal["sft", "dpo", "rl"] = Field("sft", description="training method")
+    variety: Literal["lora", "qlora", "fft"] = Field(
+        "lora", description="lora, qlora or fft (full fine-tune)"
+    )
+
+
+class JobConfig(_Section):
+    model: str = Field(description="base model: registry id, 'tiny-qwen3-vl', or an HF directory")
+    data: str = Field(description="training JSONL (relative paths resolve from the TOML's folder)")
+    validation_data: str | None = Field(None, description="held-out JSONL for in-training eval")
+    name: str | None = Field(None, description="run name: the run directory is <output_dir>/<name>")
+    output_dir: str = Field("runs", description="parent of run directories")
+    image_root: str | None = Field(None, description="allow local image paths under this folder")
+
+
+class ComputeConfig(_Section):
+    gpu_type: str = Field("auto", description="GPU model, e.g. H100; 'auto' detects")
+    gpu_count: int = Field(1, ge=1, description="GPUs per node")
+    nodes: int = Field(1, ge=1, description="number of nodes")
+
+
+class TrainingConfig(_Section):
+    mode: Literal["lora", "qlora", "full"] | None = Field(
+        None, description="must agree with algorithm.variety"
+    )
+    use_qlora: bool = Field(False, description="4-bit base weights (CUDA only)")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="compute dtype")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
+
+
+class HyperparametersConfig(_Section):
+    n_epochs: int = Field(1, ge=1, description="passes over the training data")
+    per_device_batch: int = Field(1, ge=1, description="examples per micro-batch")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="micro-batches per optimizer step"
+    )
+    learning_rate: float = Field(1e-4, gt=0, description="peak learning rate")
+    sequence_length: int = Field(4096, ge=16, description="longer examples are dropped, never cut")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of steps with linear warmup")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="decay after warmup"
+    )
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    seed: int = Field(42, description="data order and initialisation seed")
+    eval_every: int = Field(
+        0, ge=0, description="eval on validation_data every N steps (0: end only)"
+    )
+    save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: none but final)")
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping (0 disables)")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
+    packing: bool = Field(True, description="pack examples into rows of sequence_length (SFT)")
+    train_on: Literal["all_assistant", "last_assistant"] = Field(
+        "all_assistant", description="which turns carry loss"
+    )
+    group_by_length: bool = Field(False, description="sort batches by length (off for vision)")
+    pin_memory: bool = Field(False, description="pinned host memory for loading (off for vision)")
+    eval_max_examples: int = Field(
+        500, ge=1, description="validation rows used for generation accuracy"
+    )
+    eval_max_new_tokens: int = Field(32, ge=1, description="tokens generated per eval prompt")
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, ge=1, description="LoRA rank")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA path")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names or all-linear"
+    )
+
+
+class ModelConfig(_Section):
+    max_images_per_message: int | None = Field(
+        None, ge=1, description="image cap (default: family's)"
+    )
+    min_pixels: int | None = Field(None, ge=1, description="images are upscaled to at least this")
+    max_pixels: int | None = Field(None, ge=1, description="images are downscaled to at most this")
+    freeze_vision_tower: bool = Field(True, description="keep the vision encoder frozen")
+    freeze_projector: bool = Field(True, description="keep the vision-language merger frozen")
+
+
+class JobFile(_Section):
+    """A whole TOML job file."""
+
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    job: JobConfig
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    hyperparameters: HyperparametersConfig = Field(default_factory=HyperparametersConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+
+    @property
+    def finetune_mode(self) -> Literal["full", "lora", "qlora"]:
+        return {"fft": "full", "lora": "lora", "qlora": "qlora"}[self.algorithm.variety]  # type: ignore[return-value]
+
+
+class ConfigError(ValueError):
+    """Every problem with a job file, one per line, each naming its TOML key."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s) in the job config:\n{lines}")
+
+
+def _format_pydantic(err: ValidationError) -> list[str]:
+    out = []
+    for e in err.errors():
+        key = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            out.append(f"{key}: unknown key")
+        elif e["type"] == "missing":
+            out.append(f"{key}: required key is missing")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            out.append(f"{key}: {e['msg']}{shown}")
+    return out
+
+
+def _contradictions(job: JobFile, method: str | None) -> list[str]:
+    problems = []
+    variety, t = job.algorithm.variety, job.training
+    expected_mode = job.finetune_mode
+    if t.mode is not None and t.mode != expected_mode:
+        problems.append(
+            f"training.mode: {t.mode!r} contradicts algorithm.variety = {variety!r} (which means {expected_mode!r})"
+        )
+    if t.use_qlora and variety != "qlora":
+        problems.append(f"training.use_qlora: true contradicts algorithm.variety = {variety!r}")
+    if method is not None and method != job.algorithm.method:
+        problems.append(
+            f"algorithm.method: {job.algorithm.method!r} but the command asks for --type {method}"
+        )
+    if job.algorithm.method == "rl" and job.algorithm.type != "online":
+        problems.append('algorithm.type: RL is online training; set type = "online"')
+    if job.algorithm.method in ("sft", "dpo") and job.algorithm.type != "offline":
+        problems.append(
+            f'algorithm.type: {job.algorithm.method} is offline training; set type = "offline"'
+        )
+    m = job.model
+    if m.min_pixels is not None and m.max_pixels is not None and m.min_pixels > m.max_pixels:
+        problems.append(
+            f"model.min_pixels: {m.min_pixels} is larger than model.max_pixels = {m.max_pixels}"
+        )
+    return problems
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``section.key=value`` with a TOML value (bare words are strings)."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} is not key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_job(
+    path: str | Path, overrides: list[str] | None = None, method: str | None = None
+) -> JobFile:
+    """Read, override and validate a job file; raise ``ConfigError`` listing every problem."""
+    path = Path(path)
+    source = str(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(source, ["file not found"]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(source, [f"not valid TOML: {e}"]) from None
+    problems: list[str] = []
+    for item in overrides or []:
+        try:
+            keys, value = parse_override(item)
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    try:
+        job = JobFile.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(source, problems + _format_pydantic(e)) from None
+    problems += _contradictions(job, method)
+    if problems:
+        raise ConfigError(source, problems)
+    base = path.parent
+    for attr in ("data", "validation_data", "image_root"):
+        value = getattr(job.job, attr)
+        if value is not None and not Path(value).is_absolute():
+            setattr(job.job, attr, str((base / value).resolve()))
+    return job
+
+
+def dump_toml(job: JobFile) -> str:
+    """The resolved job as TOML (written next to every run)."""
+    lines: list[str] = []
+    for section, model in job.model_dump().items():
+        lines.append(f"[{section}]")
+        for key, value in model.items():
+            if value is not None:
+                lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    import json
+
+    return json.dumps(str(v))

@@ -1,0 +1,1 @@
+"""The engine: training primitives over one model (losses, batching, sampling, state)."""

@@ -1,0 +1,214 @@
+"""Model family registry: what vlmtune knows about each supported Qwen3-VL SKU.
+
+Parameter counts and shapes are the published figures (rounded); they are for display,
+GPU planning and sanity checks, never for building a model (the checkpoint's own
+config.json does that).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from vlmtune.models.tiny import TINY_MAX_PIXELS, TINY_MIN_PIXELS, TINY_MODEL_NAME
+
+# Training defaults for real checkpoints, in pixels with Qwen3-VL's 32-px merged patch
+# (patch 16 x merge 2): at least 64 image tokens (the processor's own minimum, 256x256)
+# and at most 1,280 (the processor allows 16,384, far beyond what training batches hold).
+DEFAULT_MIN_PIXELS = 64 * 32 * 32
+DEFAULT_MAX_PIXELS = 1280 * 32 * 32
+
+SUPPORTED_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model SKU. ``min_gpus`` is the fewest 80 GB GPUs for LoRA in bf16 (0: CPU is fine)."""
+
+    name: str
+    processor_id: str
+    params: int
+    active_params: int
+    is_moe: bool = False
+    supports_vision: bool = True
+    max_images_per_message: int | None = 1
+    min_pixels: int = DEFAULT_MIN_PIXELS
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    min_gpus: int = 1
+    hidden_size: int | None = None
+    num_layers: int | None = None
+    aliases: tuple[str, ...] = ()
+
+    def check_fits(self, gpu_count: int) -> str | None:
+        """None if ``gpu_count`` GPUs are enough, else a message saying how many are needed."""
+        if gpu_count >= self.min_gpus:
+            return None
+        plural = "GPU" if self.min_gpus == 1 else "GPUs"
+        return (
+            f"{self.name} needs at least {self.min_gpus} {plural} (80 GB class) "
+            f"and {gpu_count} {'is' if gpu_count == 1 else 'are'} available"
+        )
+
+
+def _qwen(
+    size: str,
+    params: float,
+    *,
+    active: float | None = None,
+    hidden: int,
+    layers: int,
+    min_gpus: int = 1,
+) -> ModelSpec:
+    name = f"Qwen/Qwen3-VL-{size}-Instruct"
+    short = f"qwen3-vl-{size.lower()}"
+    return ModelSpec(
+        name=name,
+        processor_id=name,
+        params=int(params * 1e9),
+        active_params=int((active if active is not None else params) * 1e9),
+        is_moe=active is not None,
+        min_gpus=min_gpus,
+        hidden_size=hidden,
+        num_layers=layers,
+        aliases=(short, f"{short}-instruct", f"Qwen3-VL-{size}-Instruct"),
+    )
+
+
+TINY_SPEC = ModelSpec(
+    name=TINY_MODEL_NAME,
+    processor_id=TINY_MODEL_NAME,
+    params=21_716_224,  # 19,447,808 of them the (tied) 151,936 x 128 embedding
+    active_params=21_716_224,
+    min_pixels=TINY_MIN_PIXELS,
+    max_pixels=TINY_MAX_PIXELS,
+    min_gpus=0,
+    hidden_size=128,
+    num_layers=4,
+    aliases=("tiny",),
+)
+
+_SPECS: tuple[ModelSpec, ...] = (
+    _qwen("2B", 2.13, hidden=2048, layers=28),
+    _qwen("4B", 4.44, hidden=2560, layers=36),
+    _qwen("8B", 8.77, hidden=4096, layers=36),
+    _qwen("32B", 33.4, hidden=5120, layers=64),
+    _qwen("30B-A3B", 31.1, active=3.3, hidden=2048, layers=48),
+    # 236B bf16 weights are ~470 GB: LoRA needs the weights sharded over 8 x 80 GB.
+    _qwen("235B-A22B", 236.0, active=22.0, hidden=4096, layers=94, min_gpus=8),
+    TINY_SPEC,
+)
+
+_BY_KEY: dict[str, ModelSpec] = {}
+for _spec in _SPECS:
+    for _key in (_spec.name, *_spec.aliases):
+        _BY_KEY[_key.lower()] = _spec
+
+
+class UnknownModelError(KeyError):
+    """No registry entry or loadable Qwen3-VL directory for a name."""
+
+    def __str__(self) -> str:  # KeyError's default repr-quotes the message
+        return str(self.args[0]) if self.args else ""
+
+
+def list_models() -> list[ModelSpec]:
+    return list(_SPECS)
+
+
+def get_model_spec(name_or_path: str) -> ModelSpec:
+    """Look a model up by id (case-insensitive), short alias, or local checkpoint directory."""
+    spec = _BY_KEY.get(name_or_path.strip().lower())
+    if spec is not None:
+        return spec
+    path = Path(name_or_path).expanduser()
+    if (path / "config.json").is_file():
+        return spec_from_dir(path)
+    known = ", ".join(s.name for s in _SPECS)
+    raise UnknownModelError(
+        f"unknown model {name_or_path!r}: expected one of {known} (or a short alias such as "
+        "'qwen3-vl-8b'), or a local Qwen3-VL checkpoint directory containing config.json"
+    )
+
+
+def spec_from_dir(path: Path) -> ModelSpec:
+    """A spec for a local checkpoint: a known SKU's if recognisable, else derived from files."""
+    config = json.loads((path / "config.json").read_text())
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnknownModelError(
+            f"{path} has model_type {model_type!r}; vlmtune supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    known = _known_spec_for_dir(path)
+    min_px, max_px = _dir_pixel_limits(path, known)
+    if known is not None:
+        return replace(known, min_pixels=min_px, max_pixels=max_px)
+    text = config.get("text_config") or {}
+    is_moe = model_type == "qwen3_vl_moe"
+    total, expert = _count_safetensors_params(path)
+    active = total
+    if is_moe and text.get("num_experts"):
+        # Each token runs num_experts_per_tok of num_experts experts.
+        active = total - int(
+            expert * (1 - text.get("num_experts_per_tok", 1) / text["num_experts"])
+        )
+    return ModelSpec(
+        name=str(path),
+        processor_id=str(path),
+        params=total,
+        active_params=active,
+        is_moe=is_moe,
+        min_pixels=min_px,
+        max_pixels=max_px,
+        min_gpus=1 if total > 1e9 else 0,
+        hidden_size=text.get("hidden_size"),
+        num_layers=text.get("num_hidden_layers"),
+    )
+
+
+def _known_spec_for_dir(path: Path) -> ModelSpec | None:
+    if (path / "vlmtune_tiny.json").is_file():
+        return TINY_SPEC
+    # A Hugging Face cache snapshot: .../models--Qwen--Qwen3-VL-8B-Instruct/snapshots/<sha>
+    for part in path.resolve().parts:
+        m = re.fullmatch(r"models--(.+?)--(.+)", part)
+        if m:
+            return _BY_KEY.get(f"{m.group(1)}/{m.group(2)}".lower())
+    return None
+
+
+def _dir_pixel_limits(path: Path, known: ModelSpec | None) -> tuple[int, int]:
+    """The checkpoint's processor minimum, and its maximum capped at the training default."""
+    default_min = known.min_pixels if known else DEFAULT_MIN_PIXELS
+    default_max = known.max_pixels if known else DEFAULT_MAX_PIXELS
+    size: dict = {}
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        f = path / name
+        if f.is_file():
+            data = json.loads(f.read_text())
+            size = (data.get("image_processor") or data).get("size") or {}
+            break
+    min_px = int(size.get("shortest_edge") or default_min)
+    max_px = min(int(size.get("longest_edge") or default_max), default_max)
+    return min_px, max(max_px, min_px)
+
+
+def _count_safetensors_params(path: Path) -> tuple[int, int]:
+    """(all parameters, expert parameters) from the safetensors headers, without loading."""
+    total = expert = 0
+    for f in sorted(path.glob("*.safetensors")):
+        with f.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for key, meta in header.items():
+            if key == "__metadata__":
+                continue
+            count = 1
+            for dim in meta["shape"]:
+                count *= dim
+            total += count
+            if ".experts." in key:
+                expert += count
+    return total, expert

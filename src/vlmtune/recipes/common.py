@@ -1,0 +1,126 @@
+"""Small pieces every recipe composes: schedules, data order, the run directory, logging."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
+
+CHECKPOINT_PREFIX = "step-"
+
+
+def learning_rate_at(
+    step: int, total_steps: int, peak: float, warmup_ratio: float, scheduler: str
+) -> float:
+    """LR for optimizer step ``step`` (0-based): linear warmup, then linear/cosine/constant.
+
+    Warmup ramps ``peak * (step + 1) / warmup_steps`` so step 0 already moves.
+    """
+    warmup_steps = math.ceil(warmup_ratio * total_steps)
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    if scheduler == "constant" or total_steps <= warmup_steps:
+        return peak
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if scheduler == "cosine":
+        return peak * 0.5 * (1 + math.cos(math.pi * progress))
+    return peak * (1 - progress)
+
+
+def steps_per_epoch(n_examples: int, batch_size: int) -> int:
+    return math.ceil(n_examples / batch_size)
+
+
+def batch_indices(step: int, n_examples: int, batch_size: int, seed: int) -> list[int]:
+    """Example indices of optimizer step ``step``: a fixed function of (step, seed).
+
+    Each epoch is a fresh seeded permutation; the last batch of an epoch may be short.
+    Being a pure function of the step is what makes ``--resume`` replay the same order.
+    """
+    spe = steps_per_epoch(n_examples, batch_size)
+    epoch, within = divmod(step, spe)
+    order = list(range(n_examples))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order[within * batch_size : (within + 1) * batch_size]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = [
+        p
+        for p in (run_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*")
+        if p.is_dir() and p.name[len(CHECKPOINT_PREFIX) :].isdigit() and (p / "state.json").exists()
+    ]
+    return max(ckpts, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]), default=None)
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per step or eval; on resume, later lines are cut."""
+
+    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+        self.path = path
+        if resume_step is not None and path.exists():
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
+            path.write_text("".join(f"{line}\n" for line in kept))
+        elif resume_step is None:
+            path.write_text("")
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class ProgressBar:
+    """A rich bar (loss, examples/s, time left) on a terminal; plain lines otherwise."""
+
+    def __init__(
+        self, total: int, start: int, description: str, stream: TextIO = sys.stderr
+    ) -> None:
+        self.total, self.start_step = total, start
+        self.interactive = stream.isatty()
+        self.last_print = 0.0
+        self.stream = stream
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TextColumn("{task.fields[eps]:.1f} ex/s"),
+            TimeRemainingColumn(),
+            disable=not self.interactive,
+        )
+        self.task = self.progress.add_task(
+            description, total=total, completed=start, loss=float("nan"), eps=0.0
+        )
+
+    def __enter__(self) -> ProgressBar:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def update(self, step: int, loss: float, examples_per_s: float) -> None:
+        self.progress.update(self.task, completed=step, loss=loss, eps=examples_per_s)
+        now = time.monotonic()
+        if not self.interactive and (now - self.last_print > 10 or step == self.total):
+            self.last_print = now
+            print(
+                f"step {step}/{self.total}  loss {loss:.4f}  {examples_per_s:.1f} ex/s",
+                file=self.stream,
+            )

@@ -1,0 +1,210 @@
+"""Supervised fine-tuning: one loop over a ``TrainingClient``, top to bottom.
+
+    rows --render--> datums --(per step: forward_backward, optim_step)--> checkpoints
+                                                 \\-> eval on validation_data -> final/
+
+The loss of a step is the mean negative log-likelihood over *all* weighted tokens of
+the step (every micro-batch of the accumulation): each datum's weights are divided
+by the step's weighted-token count before ``forward_backward``, so the summed loss
+the engine returns is already that mean and gradients do not depend on how the step
+is split into micro-batches.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from vlmtune.config import JobFile, dump_toml
+from vlmtune.data import load_dataset
+from vlmtune.evaluation import evaluate_exact_match
+from vlmtune.recipes.common import (
+    CHECKPOINT_PREFIX,
+    MetricsLog,
+    ProgressBar,
+    batch_indices,
+    latest_checkpoint,
+    learning_rate_at,
+    steps_per_epoch,
+)
+from vlmtune.render import build_sft_datums
+from vlmtune.sdk import (
+    AdamParams,
+    ServiceClient,
+    TrainingClient,
+    scale_weights,
+    weighted_token_count,
+)
+from vlmtune.types import Datum
+
+
+def create_training_client(job: JobFile, run_dir: Path) -> TrainingClient:
+    """The job's model, adapter and vision settings as an in-process training client."""
+    mode = job.finetune_mode
+    service = ServiceClient(checkpoint_root=run_dir / "checkpoints")
+    return service.create_training_client(
+        job.job.model,
+        lora_rank=0 if mode == "full" else job.lora.r,
+        mode=mode,
+        lora_alpha=job.lora.alpha,
+        lora_dropout=job.lora.dropout,
+        target_modules=job.lora.target_modules,
+        freeze_vision_tower=job.model.freeze_vision_tower,
+        freeze_projector=job.model.freeze_projector,
+        min_pixels=job.model.min_pixels,
+        max_pixels=job.model.max_pixels,
+        max_images_per_message=job.model.max_images_per_message,
+        precision="bf16" if job.training.precision == "bf16" else "fp32",
+        device=job.training.device,
+        micro_batch_size=job.hyperparameters.per_device_batch,
+        packing=job.hyperparameters.packing and job.algorithm.method == "sft",
+        max_row_tokens=job.hyperparameters.sequence_length,
+        gradient_checkpointing=job.training.gradient_checkpointing,
+        seed=job.hyperparameters.seed,
+    )
+
+
+def validation_loss(tc: TrainingClient, datums: list[Datum]) -> float:
+    """Mean NLL per weighted token over ``datums`` (no gradients)."""
+    n_tokens = weighted_token_count(datums)
+    out = tc.forward(scale_weights(datums, 1.0 / max(1, n_tokens))).result()
+    return out.metrics["loss:sum"]
+
+
+def run(job: JobFile, run_dir: Path, *, resume: bool = False, log: Any = print) -> dict[str, Any]:
+    hp = job.hyperparameters
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(dump_toml(job))
+
+    # -- data: the same loader `vlmtune data validate` uses --------------------------
+    cap = job.model.max_images_per_message
+    train_rows, train_report = load_dataset(
+        job.job.data, "sft", max_images_per_message=cap, image_root=job.job.image_root
+    )
+    log(train_report.summary_text())
+    val_rows, val_report = [], None
+    if job.job.validation_data:
+        val_rows, val_report = load_dataset(
+            job.job.validation_data,
+            "sft",
+            max_images_per_message=cap,
+            image_root=job.job.image_root,
+        )
+
+    tc = create_training_client(job, run_dir)
+    datums, render_report = build_sft_datums(
+        train_rows, tc.renderer, sequence_length=hp.sequence_length, train_on=hp.train_on
+    )
+    val_datums, _ = build_sft_datums(
+        val_rows, tc.renderer, sequence_length=hp.sequence_length, train_on=hp.train_on
+    )
+    report = {"train": {**train_report.to_dict(), "render": render_report.to_dict()}}
+    if val_report is not None:
+        report["validation"] = val_report.to_dict()
+    (run_dir / "validation_report.json").write_text(json.dumps(report, indent=2))
+    log(render_report.summary())
+    if not datums:
+        raise RuntimeError(
+            f"{job.job.data}: no trainable examples left after validation and rendering"
+        )
+
+    # -- schedule -------------------------------------------------------------------
+    batch_size = hp.per_device_batch * hp.gradient_accumulation_steps
+    total_steps = hp.n_epochs * steps_per_epoch(len(datums), batch_size)
+    if hp.max_steps is not None:
+        total_steps = min(total_steps, hp.max_steps)
+
+    start_step = 0
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            log(f"--resume: no checkpoint under {run_dir / 'checkpoints'}; starting from step 0")
+        else:
+            start_step = int(tc.load_state(str(ckpt)).result()["step"])
+            log(f"resumed from {ckpt} (step {start_step})")
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if resume else None)
+    log(f"training {len(datums)} examples, {total_steps} steps of {batch_size} examples")
+
+    def evaluate(step: int) -> dict[str, Any]:
+        record: dict[str, Any] = {"step": step, "eval/loss": validation_loss(tc, val_datums)}
+        sampler = tc.create_sampling_client()
+        result = evaluate_exact_match(
+            sampler, val_rows[: hp.eval_max_examples], max_new_tokens=hp.eval_max_new_tokens
+        )
+        record.update({"eval/accuracy": result.accuracy, "eval/n": result.n})
+        metrics.write(record)
+        log(
+            f"eval @ step {step}: loss {record['eval/loss']:.4f}  accuracy {result.accuracy:.3f} (n={result.n})"
+        )
+        return record
+
+    # -- the loop -------------------------------------------------------------------
+    last_loss = float("nan")
+    packing_effs: list[float] = []
+    with ProgressBar(total_steps, start_step, "sft") as bar:
+        for step in range(start_step, total_steps):
+            t0 = time.perf_counter()
+            batch = [datums[i] for i in batch_indices(step, len(datums), batch_size, hp.seed)]
+            n_tokens = weighted_token_count(batch)
+            lr = learning_rate_at(
+                step, total_steps, hp.learning_rate, hp.warmup_ratio, hp.lr_scheduler
+            )
+            fb_future = tc.forward_backward(scale_weights(batch, 1.0 / n_tokens))
+            opt_future = tc.optim_step(
+                AdamParams(
+                    learning_rate=lr,
+                    beta1=hp.adam_beta1,
+                    beta2=hp.adam_beta2,
+                    eps=hp.adam_eps,
+                    weight_decay=hp.weight_decay,
+                    grad_clip_norm=hp.max_grad_norm,
+                )
+            )
+            fb, opt = fb_future.result(), opt_future.result()
+            elapsed = time.perf_counter() - t0
+            last_loss = fb.metrics["loss:sum"]
+            packing_effs.append(fb.metrics.get("packing_efficiency", 1.0))
+            n_positions = sum(d.model_input.length for d in batch)
+            metrics.write(
+                {
+                    "step": step + 1,
+                    "loss": last_loss,
+                    "learning_rate": lr,
+                    "grad_norm": opt.metrics["grad_norm"],
+                    "weighted_tokens": n_tokens,
+                    "tokens_per_s": n_positions / elapsed,
+                    "examples_per_s": len(batch) / elapsed,
+                    **(
+                        {"packing_efficiency": fb.metrics["packing_efficiency"]}
+                        if hp.packing
+                        else {}
+                    ),
+                }
+            )
+            bar.update(step + 1, last_loss, len(batch) / elapsed)
+            if hp.save_every and (step + 1) % hp.save_every == 0 and step + 1 < total_steps:
+                tc.save_state(f"{CHECKPOINT_PREFIX}{step + 1}", extra={"step": step + 1}).result()
+            if (
+                hp.eval_every
+                and val_datums
+                and (step + 1) % hp.eval_every == 0
+                and step + 1 < total_steps
+            ):
+                evaluate(step + 1)
+
+    # -- the servable model -------------------------------------------------------------
+    final_dir = Path(tc.save_weights_for_sampler(str(run_dir / "final")).result().path)
+    summary: dict[str, Any] = {
+        "steps": total_steps,
+        "examples": len(datums),
+        "final_loss": last_loss,
+        "packing_efficiency": sum(packing_effs) / max(1, len(packing_effs)),
+        "final_dir": str(final_dir),
+    }
+    if val_datums:
+        summary.update(evaluate(total_steps))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log(f"saved {final_dir}")
+    return summary

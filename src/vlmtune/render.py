@@ -1,0 +1,317 @@
+"""Chat messages -> ``ModelInput`` + per-token loss weights, exactly as Qwen3-VL's template.
+
+The conversation is laid out as the official Qwen3-VL-Instruct chat template does
+(no default system prompt; a system message only counts when it comes first; images
+only in user turns; assistant turns contribute their text), then the whole string is
+tokenized in one call, as the HF processor does, so the ids are identical to
+``processor(text=processor.apply_chat_template(...), images=...)``. Character spans
+carry the weights onto tokens through the tokenizer's offsets.
+
+Weights: prompt 0, image 0, an assistant turn's content and its closing ``<|im_end|>``
+get the turn's weight (so the model learns to stop); the ``<|im_start|>assistant\\n``
+header and the newline after ``<|im_end|>`` get 0.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from vlmtune.data.schema import ImagePart, Message, SFTRow, TextPart
+from vlmtune.models.vision import ImagePreprocessor
+from vlmtune.types import Datum, EncodedTextChunk, ImageChunk, ModelInput, TensorData
+
+TrainOn = Literal["all_assistant", "last_assistant"]
+
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+ENDOFTEXT = "<|endoftext|>"
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+IMAGE_PAD = "<|image_pad|>"
+
+
+@dataclass
+class Rendered:
+    model_input: ModelInput
+    weights: list[float]  # one per position of model_input
+    images_dropped: int = 0
+
+    @property
+    def length(self) -> int:
+        return self.model_input.length
+
+    @property
+    def num_weighted_tokens(self) -> int:
+        return sum(1 for w in self.weights if w > 0)
+
+
+def image_format(mime: str) -> str:
+    """ "image/jpeg" -> "jpeg" (the ImageChunk format)."""
+    sub = mime.split("/", 1)[-1].lower()
+    return {"jpg": "jpeg", "x-png": "png"}.get(sub, sub)
+
+
+def split_prompt_and_answer(messages: list[Message]) -> tuple[list[Message], str]:
+    """Split off a trailing assistant turn: (prompt messages, its text). No answer -> ""."""
+    if messages and messages[-1].role == "assistant":
+        return list(messages[:-1]), messages[-1].text
+    return list(messages), ""
+
+
+def to_hf_messages(messages: list[Message]) -> list[dict[str, Any]]:
+    """The HF chat-template form of messages (images as ``{"type": "image"}`` parts)."""
+    out = []
+    for m in messages:
+        content: list[dict[str, Any]] = []
+        for p in m.parts:
+            if isinstance(p, TextPart):
+                content.append({"type": "text", "text": p.text})
+            else:
+                content.append({"type": "image"})
+        out.append({"role": m.role, "content": content})
+    return out
+
+
+class Renderer:
+    """Renders conversations for one tokenizer and one image preprocessor.
+
+    ``max_images_per_message``: images beyond the first N of a message are dropped and
+    counted (None: no cap). Images the template itself ignores (in system or assistant
+    turns) are counted as dropped too, so nothing disappears unreported.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        image_preprocessor: ImagePreprocessor,
+        max_images_per_message: int | None = 1,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.image_preprocessor = image_preprocessor
+        self.max_images_per_message = max_images_per_message
+        self.image_token_id = self._id(IMAGE_PAD)
+        self.im_end_id = self._id(IM_END)
+        self.endoftext_id = self._id(ENDOFTEXT)
+
+    @classmethod
+    def from_processor(
+        cls,
+        processor: Any,
+        image_preprocessor: ImagePreprocessor | None = None,
+        max_images_per_message: int | None = 1,
+    ) -> Renderer:
+        ip = image_preprocessor or ImagePreprocessor.from_processor(processor)
+        return cls(processor.tokenizer, ip, max_images_per_message)
+
+    def _id(self, token: str) -> int:
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == getattr(self.tokenizer, "unk_token_id", -1):
+            raise ValueError(f"tokenizer has no {token} token: not a Qwen3-VL tokenizer?")
+        return int(token_id)
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return [self.im_end_id, self.endoftext_id]
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    # -- layout -------------------------------------------------------------------------
+
+    def _layout(
+        self, messages: list[Message], train_on: TrainOn, generation_prompt: bool
+    ) -> tuple[list[tuple[str, float]], list[ImagePart], int]:
+        """(text pieces with weights, kept images in order, images dropped)."""
+        if train_on not in ("all_assistant", "last_assistant"):
+            raise ValueError(
+                f"train_on must be 'all_assistant' or 'last_assistant', got {train_on!r}"
+            )
+        pieces: list[tuple[str, float]] = []
+        images: list[ImagePart] = []
+        dropped = 0
+        last_assistant = max(
+            (i for i, m in enumerate(messages) if m.role == "assistant"), default=-1
+        )
+        for i, m in enumerate(messages):
+            if m.role == "system":
+                dropped += len(m.images)  # the template keeps a system turn's text only
+                if i == 0:  # the template ignores a system turn anywhere else
+                    pieces.append((f"{IM_START}system\n{m.text}{IM_END}\n", 0.0))
+            elif m.role == "user":
+                pieces.append((f"{IM_START}user\n", 0.0))
+                n_images = 0
+                for p in m.parts:
+                    if isinstance(p, TextPart):
+                        pieces.append((p.text, 0.0))
+                    elif self.max_images_per_message is None or (
+                        n_images < self.max_images_per_message
+                    ):
+                        n_images += 1
+                        images.append(p)
+                        pieces.append((f"{VISION_START}{IMAGE_PAD}{VISION_END}", 0.0))
+                    else:
+                        dropped += 1
+                pieces.append((f"{IM_END}\n", 0.0))
+            elif m.role == "assistant":
+                dropped += len(m.images)
+                weight = 1.0 if m.weight is None else float(m.weight)
+                if train_on == "last_assistant" and i != last_assistant:
+                    weight = 0.0
+                pieces.append((f"{IM_START}assistant\n", 0.0))
+                pieces.append((f"{m.text}{IM_END}", weight))
+                pieces.append(("\n", 0.0))
+            else:
+                raise ValueError(f"unsupported role {m.role!r}")
+        if generation_prompt:
+            pieces.append((f"{IM_START}assistant\n", 0.0))
+        return pieces, images, dropped
+
+    def _tokenize(
+        self, pieces: list[tuple[str, float]], images: list[ImagePart], dropped: int
+    ) -> Rendered:
+        text = "".join(t for t, _ in pieces)
+        starts: list[int] = []
+        piece_weights: list[float] = []
+        pos = 0
+        for t, w in pieces:
+            starts.append(pos)
+            piece_weights.append(w)
+            pos += len(t)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        chunks: list[EncodedTextChunk | ImageChunk] = []
+        weights: list[float] = []
+        run: list[int] = []
+        image_iter = iter(images)
+        for token_id, (start, end) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
+            if token_id == self.image_token_id:
+                image = next(image_iter)
+                if run:
+                    chunks.append(EncodedTextChunk(tokens=run))
+                    run = []
+                n = self.image_preprocessor.num_tokens(image.width, image.height)
+                chunks.append(
+                    ImageChunk(data=image.data, format=image_format(image.mime), expected_tokens=n)
+                )
+                weights.extend([0.0] * n)
+                continue
+            # A token takes the weight of the piece holding its last character, so a token
+            # that straddles the assistant header and the answer counts as answer.
+            char = max(end - 1, start)
+            weights.append(piece_weights[bisect.bisect_right(starts, char) - 1])
+            run.append(int(token_id))
+        if run:
+            chunks.append(EncodedTextChunk(tokens=run))
+        return Rendered(ModelInput(chunks=chunks), weights, dropped)
+
+    # -- public -------------------------------------------------------------------------
+
+    def render(self, messages: list[Message], train_on: TrainOn = "all_assistant") -> Rendered:
+        """A whole conversation for training, with per-token weights."""
+        return self._tokenize(*self._layout(messages, train_on, generation_prompt=False))
+
+    def render_prompt(self, messages: list[Message]) -> Rendered:
+        """The conversation plus ``<|im_start|>assistant\\n``, for sampling (weights all 0).
+
+        Raises if the messages end with an assistant turn: strip it first with
+        ``split_prompt_and_answer``.
+        """
+        if messages and messages[-1].role == "assistant":
+            raise ValueError(
+                "render_prompt: the conversation ends with an assistant turn; "
+                "strip it with split_prompt_and_answer(messages) first"
+            )
+        pieces, images, dropped = self._layout(messages, "all_assistant", generation_prompt=True)
+        pieces = [(t, 0.0) for t, _ in pieces]
+        return self._tokenize(pieces, images, dropped)
+
+
+def datum_from_rendered(rendered: Rendered, image_token_id: int) -> Datum:
+    """Next-token Datum: input = positions[:-1], targets = ids[1:], weights = weights[1:]."""
+    ids = rendered.model_input.to_ints(image_token_id)
+    chunks = list(rendered.model_input.chunks)
+    if not chunks or not isinstance(chunks[-1], EncodedTextChunk):
+        raise ValueError("a rendered conversation must end with text, not an image")
+    last = chunks[-1]
+    if len(last.tokens) > 1:
+        chunks[-1] = EncodedTextChunk(tokens=last.tokens[:-1])
+    else:
+        chunks.pop()
+    return Datum(
+        model_input=ModelInput(chunks=chunks),
+        loss_fn_inputs={
+            "target_tokens": TensorData.from_numpy(np.asarray(ids[1:], dtype=np.int64)),
+            "weights": TensorData.from_numpy(np.asarray(rendered.weights[1:], dtype=np.float32)),
+        },
+    )
+
+
+@dataclass
+class RenderReport:
+    """What ``build_sft_datums`` kept and dropped, by source line number."""
+
+    total: int = 0
+    kept: int = 0
+    dropped_too_long: list[tuple[int, int]] = field(default_factory=list)  # (line, tokens)
+    dropped_no_weight: list[int] = field(default_factory=list)
+    dropped_invalid: list[tuple[int, str]] = field(default_factory=list)  # (line, reason)
+    images_dropped: int = 0
+    images_dropped_lines: list[int] = field(default_factory=list)
+
+    @property
+    def dropped(self) -> int:
+        return len(self.dropped_too_long) + len(self.dropped_no_weight) + len(self.dropped_invalid)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "total": self.total,
+            "kept": self.kept,
+            "dropped_too_long": [{"line": ln, "tokens": n} for ln, n in self.dropped_too_long],
+            "dropped_no_weight": list(self.dropped_no_weight),
+            "dropped_invalid": [{"line": ln, "reason": r} for ln, r in self.dropped_invalid],
+            "images_dropped": self.images_dropped,
+            "images_dropped_lines": list(self.images_dropped_lines),
+        }
+
+    def summary(self) -> str:
+        return (
+            f"{self.kept}/{self.total} examples kept; dropped {len(self.dropped_too_long)} too long, "
+            f"{len(self.dropped_no_weight)} with no trained tokens, {len(self.dropped_invalid)} "
+            f"invalid; {self.images_dropped} images dropped in {len(self.images_dropped_lines)} rows"
+        )
+
+
+def build_sft_datums(
+    rows: Iterable[SFTRow],
+    renderer: Renderer,
+    *,
+    sequence_length: int,
+    train_on: TrainOn = "all_assistant",
+) -> tuple[list[Datum], RenderReport]:
+    """Render rows into Datums. A row whose Datum input would exceed ``sequence_length``
+    tokens (rendered length - 1) is dropped and reported, never truncated."""
+    datums: list[Datum] = []
+    report = RenderReport()
+    for row in rows:
+        report.total += 1
+        try:
+            rendered = renderer.render(row.messages, train_on)
+        except ValueError as e:  # e.g. an image aspect ratio the processor refuses
+            report.dropped_invalid.append((row.line, str(e)))
+            continue
+        if rendered.images_dropped:
+            report.images_dropped += rendered.images_dropped
+            report.images_dropped_lines.append(row.line)
+        if rendered.length - 1 > sequence_length:
+            report.dropped_too_long.append((row.line, rendered.length))
+            continue
+        if not any(w > 0 for w in rendered.weights[1:]):
+            report.dropped_no_weight.append(row.line)
+            continue
+        datums.append(datum_from_rendered(rendered, renderer.image_token_id))
+        report.kept += 1
+    return datums, report

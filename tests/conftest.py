@@ -1,0 +1,45 @@
+"""Shared fixtures: the tiny model and small real images (the tests' only model)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlmtune.data.schema import ImagePart, Message, TextPart
+
+
+def png_bytes(width: int = 32, height: int = 32, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, size=(height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_data_url(width: int = 32, height: int = 32, seed: int = 0) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(width, height, seed)).decode()
+
+
+def image_part(width: int = 32, height: int = 32, seed: int = 0) -> ImagePart:
+    return ImagePart(
+        data=png_bytes(width, height, seed), mime="image/png", width=width, height=height
+    )
+
+
+def user(*parts) -> Message:
+    return Message(role="user", parts=[TextPart(p) if isinstance(p, str) else p for p in parts])
+
+
+def assistant(text: str, weight: float | None = None) -> Message:
+    return Message(role="assistant", parts=[TextPart(text)], weight=weight)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir():
+    from vlmtune.models.tiny import tiny_model_dir
+
+    return tiny_model_dir()

@@ -1,0 +1,209 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from vlmtune.models.loading import (
+    LoadedModel,
+    ModelNotFoundError,
+    load_model,
+    load_processor,
+    merge_adapter_to_dir,
+    resolve_model_path,
+    save_model_dir,
+    trainable_parameter_count,
+)
+from vlmtune.models.registry import TINY_SPEC
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_dir: Path):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Digit?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "3"}]},
+    ]
+    text = processor.apply_chat_template(messages, tokenize=False)
+    return processor(text=[text], images=[Image.new("RGB", (64, 96), "red")], return_tensors="pt")
+
+
+def _hf_cache(root: Path, repo_id: str) -> Path:
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    (snap / "config.json").write_text(json.dumps({"model_type": "qwen3_vl"}))
+    return snap
+
+
+def test_resolve_paths(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_model_path("tiny-qwen3-vl") == tiny_dir
+    assert resolve_model_path(str(tiny_dir)) == tiny_dir
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    snap = _hf_cache(tmp_path, "Qwen/Qwen3-VL-2B-Instruct")
+    assert resolve_model_path("Qwen/Qwen3-VL-2B-Instruct").resolve() == snap.resolve()
+    assert resolve_model_path("qwen3-vl-2b").resolve() == snap.resolve()  # alias -> hub id
+
+
+def test_missing_hub_model_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(
+        ModelNotFoundError, match="huggingface-cli download Qwen/Qwen3-VL-8B-Instruct"
+    ):
+        resolve_model_path("qwen3-vl-8b")
+    with pytest.raises(ModelNotFoundError, match="checkpoint directory"):
+        resolve_model_path("no/such-model")
+
+
+def test_load_processor_pixel_limits(tiny_dir: Path) -> None:
+    p = load_processor(tiny_dir, min_pixels=32 * 32, max_pixels=32 * 32 * 8)
+    assert p.image_processor.size["shortest_edge"] == 32 * 32
+    assert p.image_processor.size["longest_edge"] == 32 * 32 * 8
+    out = p(text=["<|image_pad|>"], images=[Image.new("RGB", (1000, 1000))])
+    assert len(out["input_ids"][0]) == 4  # 64x64 after the cap: at most 8 tokens
+
+
+def _trainable_names(model: torch.nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_full_mode_freezing() -> None:
+    lm = load_model("tiny-qwen3-vl")
+    assert isinstance(lm, LoadedModel) and lm.mode == "full" and lm.spec == TINY_SPEC
+    names = _trainable_names(lm.model)
+    assert any(n.startswith("model.language_model.") for n in names)
+    assert not any(n.startswith("model.visual.") for n in names)
+    # Defaults: the training pixel limits of the spec.
+    assert lm.processor.image_processor.size["shortest_edge"] == TINY_SPEC.min_pixels
+
+    lm = load_model("tiny-qwen3-vl", freeze_vision_tower=False, freeze_projector=True)
+    names = _trainable_names(lm.model)
+    assert any(n.startswith("model.visual.blocks.") for n in names)
+    assert not any(n.startswith("model.visual.merger.") for n in names)
+    assert not any(n.startswith("model.visual.deepstack_merger_list.") for n in names)
+
+    lm = load_model("tiny-qwen3-vl", freeze_vision_tower=True, freeze_projector=False)
+    names = _trainable_names(lm.model)
+    assert any(n.startswith("model.visual.merger.") for n in names)
+    assert any(n.startswith("model.visual.deepstack_merger_list.") for n in names)
+    assert not any(n.startswith("model.visual.blocks.") for n in names)
+    trainable, total = trainable_parameter_count(lm.model)
+    assert 0 < trainable < total == TINY_SPEC.params
+
+
+def test_lora_targets_language_linears_only(batch) -> None:
+    lm = load_model("tiny-qwen3-vl", mode="lora", lora_r=4)
+    names = _trainable_names(lm.model)
+    assert names and all("lora_" in n for n in names)
+    assert all(".language_model." in n for n in names)
+    assert not any("lm_head" in n for n in names)
+    targets = {n.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for n in names}
+    assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    out = lm.model(**batch)  # the peft wrapper passes pixel_values / image_grid_thw through
+    out.logits[0, -1].logsumexp(-1).backward()
+    assert all(p.grad is not None for n, p in lm.model.named_parameters() if p.requires_grad)
+
+
+def test_lora_options() -> None:
+    lm = load_model(
+        "tiny-qwen3-vl",
+        mode="lora",
+        target_modules=["q_proj", "v_proj", "qkv"],
+        freeze_vision_tower=False,
+    )
+    names = _trainable_names(lm.model)
+    assert any(".visual.blocks." in n for n in names)  # unfrozen tower gets adapters...
+    assert not any(".merger." in n for n in names)  # ...the frozen projector does not
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in names} <= {"q_proj", "v_proj", "qkv"}
+    with pytest.raises(ValueError, match="no linear layer"):
+        load_model("tiny-qwen3-vl", mode="lora", target_modules=["nope"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
+def test_qlora_on_cpu_is_a_clear_error() -> None:
+    with pytest.raises(RuntimeError, match="qlora needs a CUDA GPU"):
+        load_model("tiny-qwen3-vl", mode="qlora")
+
+
+def test_gradient_checkpointing(batch) -> None:
+    lm = load_model("tiny-qwen3-vl", mode="lora", gradient_checkpointing=True)
+    lm.model.train()
+    lm.model(**batch).logits.sum().backward()
+    assert any(p.grad is not None for p in lm.model.parameters() if p.requires_grad)
+
+
+def test_save_full_model_dir(tmp_path: Path, batch) -> None:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    lm = load_model("tiny-qwen3-vl")
+    with torch.no_grad():
+        lm.model.model.language_model.norm.weight.add_(0.5)
+    out = save_model_dir(lm, lm.processor, tmp_path / "final")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    reloaded = AutoModelForImageTextToText.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    assert processor.image_processor.size["longest_edge"] == TINY_SPEC.max_pixels
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**batch).logits, lm.model(**batch).logits, atol=1e-5)
+    # Overwriting an existing directory is atomic too.
+    save_model_dir(lm.model, lm.processor, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+def test_adapter_save_load_and_merge(tmp_path: Path, batch) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    lm = load_model("tiny-qwen3-vl", mode="lora", lora_r=4)
+    with torch.no_grad():  # LoRA B starts at zero: make the adapter do something
+        for n, p in lm.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+        expected = lm.model(**batch).logits
+    adapter = save_model_dir(lm, lm.processor, tmp_path / "adapter")
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "tiny-qwen3-vl"
+    assert (adapter / "tokenizer.json").is_file() and (adapter / "chat_template.jinja").is_file()
+
+    base = AutoModelForImageTextToText.from_pretrained(
+        resolve_model_path(cfg["base_model_name_or_path"])
+    )
+    peft_model = PeftModel.from_pretrained(base, adapter)
+    with torch.no_grad():
+        assert torch.allclose(peft_model(**batch).logits, expected, atol=1e-4)
+
+    merged_dir = merge_adapter_to_dir(adapter, tmp_path / "merged")
+    merged = AutoModelForImageTextToText.from_pretrained(merged_dir)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        assert torch.allclose(merged(**batch).logits, expected, atol=1e-4)
+    assert load_model(str(merged_dir)).spec.params == TINY_SPEC.params
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_lora_bf16_on_cuda(batch) -> None:
+    lm = load_model("tiny-qwen3-vl", mode="lora", dtype=torch.bfloat16, device="cuda")
+    cuda_batch = {k: v.to("cuda") for k, v in batch.items()}
+    lm.model(**cuda_batch).logits.float().logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for p in lm.model.parameters() if p.requires_grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_qlora_on_cuda(batch) -> None:
+    pytest.importorskip("bitsandbytes")
+    lm = load_model("tiny-qwen3-vl", mode="qlora", dtype=torch.bfloat16, device="cuda")
+    assert any(type(m).__name__ == "Linear4bit" for m in lm.model.modules())
+    cuda_batch = {k: v.to("cuda") for k, v in batch.items()}
+    lm.model(**cuda_batch).logits.float().logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for p in lm.model.parameters() if p.requires_grad)
