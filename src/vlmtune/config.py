@@ -106,6 +106,38 @@ class ModelConfig(_Section):
     max_pixels: int | None = Field(None, ge=1, description="images are downscaled to at most this")
     freeze_vision_tower: bool = Field(True, description="keep the vision encoder frozen")
     freeze_projector: bool = Field(True, description="keep the vision-language merger frozen")
+    freeze_embeddings: bool = Field(
+        False, description="full fine-tune: keep token embeddings (and a tied LM head) frozen"
+    )
+
+
+class DPOConfig(_Section):
+    beta: float = Field(0.1, gt=0, description="DPO temperature on the log-ratio margin")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="conservative DPO: assumed label noise"
+    )
+
+
+class RLConfig(_Section):
+    reward: str = Field(
+        "exact_match", description="built-in name, module:function, or file.py:function"
+    )
+    reward_regex: str | None = Field(
+        None, description="pattern for the built-in regex_match reward"
+    )
+    group_size: int = Field(4, ge=2, description="completions sampled per prompt")
+    prompts_per_step: int = Field(8, ge=1, description="prompts (groups) per optimizer step")
+    loss: Literal["importance_sampling", "ppo"] = Field(
+        "importance_sampling", description="policy-gradient loss"
+    )
+    clip_low: float = Field(0.2, ge=0, lt=1, description="ppo: lower ratio clip (1 - clip_low)")
+    clip_high: float = Field(0.2, ge=0, description="ppo: upper ratio clip (1 + clip_high)")
+    normalize_advantages: bool = Field(False, description="divide advantages by the group std")
+    temperature: float = Field(1.0, ge=0, description="sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
+    max_tokens: int = Field(32, ge=1, description="tokens sampled per completion")
+    stop: list[str] = Field(default_factory=list, description="extra stop strings")
+    kl_coef: float = Field(0.0, ge=0, description="KL penalty against the reference model (0: off)")
 
 
 class JobFile(_Section):
@@ -118,6 +150,8 @@ class JobFile(_Section):
     hyperparameters: HyperparametersConfig = Field(default_factory=HyperparametersConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
 
     @property
     def finetune_mode(self) -> Literal["full", "lora", "qlora"]:

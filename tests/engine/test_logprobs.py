@@ -1,9 +1,13 @@
+import pytest
 import torch
 
+from vlmtune.engine import logprobs as logprobs_mod
 from vlmtune.engine.logprobs import full_logits_token_logprobs, selected_token_logprobs
 
 
-def test_chunked_logprobs_and_grads_match_full_logits():
+@pytest.mark.parametrize("checkpointed", [True, False])
+def test_chunked_logprobs_and_grads_match_full_logits(monkeypatch, checkpointed):
+    monkeypatch.setattr(logprobs_mod, "CHECKPOINT_MIN_LOGITS", 0 if checkpointed else 10**12)
     torch.manual_seed(0)
     N, H, V = 37, 16, 101
     hidden = torch.randn(N, H, requires_grad=True)

@@ -43,10 +43,18 @@ def _hf_cache(root: Path, repo_id: str) -> Path:
     return snap
 
 
+def _use_hf_cache(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+    import huggingface_hub.constants
+
+    # The constant is read from the environment at import time, maybe before this test.
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(root))
+
+
 def test_resolve_paths(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_model_path("tiny-qwen3-vl") == tiny_dir
     assert resolve_model_path(str(tiny_dir)) == tiny_dir
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    _use_hf_cache(monkeypatch, tmp_path)
     snap = _hf_cache(tmp_path, "Qwen/Qwen3-VL-2B-Instruct")
     assert resolve_model_path("Qwen/Qwen3-VL-2B-Instruct").resolve() == snap.resolve()
     assert resolve_model_path("qwen3-vl-2b").resolve() == snap.resolve()  # alias -> hub id
@@ -55,7 +63,7 @@ def test_resolve_paths(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.Monke
 def test_missing_hub_model_is_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    _use_hf_cache(monkeypatch, tmp_path)
     with pytest.raises(
         ModelNotFoundError, match="huggingface-cli download Qwen/Qwen3-VL-8B-Instruct"
     ):

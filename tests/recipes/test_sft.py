@@ -151,7 +151,7 @@ def test_full_finetune_final_loads_with_auto_classes_and_evals(tmp_path):
         ["eval", "--model", str(run / "final"), "--data", str(tmp_path / "val.jsonl"), "--json"],
     )
     assert res.exit_code == 0, res.output
-    out = json.loads(res.output.strip().splitlines()[-1])
+    out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["n"] == 3 and 0.0 <= out["accuracy"] <= 1.0
 
 

@@ -9,6 +9,7 @@ from vlmtune.data.fetch import FetchError, FetchPolicy, fetch_image
 from vlmtune.data.images import DEFAULT_MAX_PIXELS, ImageInfo, decode_image, probe_image
 from vlmtune.data.inline import InlineReport, inline_dataset
 from vlmtune.data.report import ValidationReport
+from vlmtune.data.rows import parse_messages
 from vlmtune.data.schema import (
     ImagePart,
     Message,
@@ -47,6 +48,7 @@ __all__ = [
     "inline_dataset",
     "iter_dataset",
     "load_dataset",
+    "parse_messages",
     "probe_image",
     "validate_dataset",
 ]

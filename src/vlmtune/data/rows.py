@@ -9,6 +9,7 @@ read, exactly as the trainer never uses them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from vlmtune.data.errors import RowError, type_name
@@ -335,3 +336,21 @@ def _prompt_difference(a: list[Message], b: list[Message]) -> str:
                 return f"messages[{i}] content"
             return f"messages[{i}] {'text' if x.text != y.text else 'images'}"
     return ""
+
+
+def parse_messages(
+    messages: list[dict[str, Any]],
+    *,
+    kind: RowKind = "sft",
+    base_dir: str | Path = ".",
+    max_images_per_message: int | None = None,
+) -> list[Message]:
+    """OpenAI-style message dicts -> normalised ``Message`` list (for SDK users).
+
+    The same parsing and image checks as a dataset row; raises ``RowError`` naming the
+    field on bad input. Local image paths resolve under ``base_dir``.
+    """
+    ctx = RefContext(Path(base_dir).resolve())
+    row = RowParser(kind, ctx, max_images_per_message).parse({"messages": messages}, line=0).row
+    assert isinstance(row, SFTRow | RLRow)
+    return row.messages

@@ -54,6 +54,9 @@ class EngineConfig:
     target_modules: list[str] | str = "all-linear"
     freeze_vision_tower: bool = True
     freeze_projector: bool = True
+    # The vocabulary matrix is most of a small model's weights (151,936 x hidden): its
+    # dense gradient and Adam state dominate a CPU step, and a tied LM head shares it.
+    freeze_embeddings: bool = False
     min_pixels: int | None = None
     max_pixels: int | None = None
     max_images_per_message: int | None = 1
@@ -123,11 +126,15 @@ class TrainingEngine:
             self.processor.image_processor, config.min_pixels, config.max_pixels
         )
         self.renderer = Renderer(tokenizer, self.image_preprocessor, config.max_images_per_message)
+        if config.freeze_embeddings:
+            self.hf_model.get_input_embeddings().weight.requires_grad_(False)
+            self.hf_model.lm_head.weight.requires_grad_(False)
         self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
         self.vision_trainable = any(p.requires_grad for p in self.backbone.visual.parameters())
         self.optimizer: torch.optim.AdamW | None = None
         self.step = 0
         self.last_packing_efficiency = 1.0
+        self._reference: TrainingEngine | None = None
 
     # ---- batching -----------------------------------------------------------------
     def _preprocess(self, data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,6 +182,8 @@ class TrainingEngine:
             # mask (or varlen flash-attention) from the restarting text positions.
             "attention_mask": None if batch.packed else batch.attention_mask_B_T,
             "position_ids": batch.position_ids_4_B_T,
+            # A KV cache (on by default) also switches off transformers' packed-row mask.
+            "use_cache": False,
         }
         if batch.pixel_values is not None:
             pixel_values = batch.pixel_values.to(self.dtype)
@@ -297,6 +306,28 @@ class TrainingEngine:
         loss.backward()
         metrics = {**metrics, "loss:sum": float(loss.detach())}
         return ForwardBackwardOutput(loss_fn_outputs=self._as_outputs(per_datum), metrics=metrics)
+
+    def reference_forward(
+        self,
+        datums: Sequence[Datum],
+        loss_fn: str = "cross_entropy",
+        loss_fn_config: dict | None = None,
+    ) -> ForwardBackwardOutput:
+        """``forward`` under the reference (base) model, for DPO and KL penalties.
+
+        LoRA: the same weights with the adapter disabled (no second copy in memory).
+        Full fine-tuning: a frozen copy of the base, loaded on first use; a recipe that
+        needs reference values only for fixed data should compute them once up front.
+        """
+        if self.loaded.mode in ("lora", "qlora"):
+            with self.model.disable_adapter():
+                return self._run(datums, loss_fn, loss_fn_config, backward=False)
+        if self._reference is None:
+            ref_config = EngineConfig(**{**asdict(self.config), "mode": "full"})
+            self._reference = TrainingEngine(ref_config)
+            for p in self._reference.model.parameters():
+                p.requires_grad_(False)
+        return self._reference._run(datums, loss_fn, loss_fn_config, backward=False)
 
     def optim_step(self, params: AdamParams) -> OptimStepResponse:
         """AdamW step with this call's hyperparameters, optional clipping; zeroes grads."""

@@ -14,6 +14,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 DEFAULT_CHUNK_TOKENS = 1024
+# Below this many logits (64 MiB in fp32) a chunk is kept rather than recomputed in
+# backward: recomputation costs a third more LM-head work for no real memory saving.
+CHECKPOINT_MIN_LOGITS = 16 * 2**20
 
 
 def _chunk_logprobs(
@@ -46,7 +49,7 @@ def selected_token_logprobs(
     for start in range(0, hidden_N_H.shape[0], chunk_tokens):
         h = hidden_N_H[start : start + chunk_tokens]
         t = targets_N[start : start + chunk_tokens]
-        if needs_grad:
+        if needs_grad and h.shape[0] * weight_V_H.shape[0] >= CHECKPOINT_MIN_LOGITS:
             pieces.append(
                 checkpoint(_chunk_logprobs, h, weight_V_H, bias_V, t, use_reentrant=False)
             )

@@ -43,9 +43,9 @@ from vlmtune.types import Datum
 def create_training_client(job: JobFile, run_dir: Path) -> TrainingClient:
     """The job's model, adapter and vision settings as an in-process training client."""
     mode = job.finetune_mode
-    service = ServiceClient(checkpoint_root=run_dir / "checkpoints")
-    return service.create_training_client(
+    return ServiceClient().create_training_client(
         job.job.model,
+        checkpoint_dir=run_dir / "checkpoints",
         lora_rank=0 if mode == "full" else job.lora.r,
         mode=mode,
         lora_alpha=job.lora.alpha,
@@ -53,6 +53,7 @@ def create_training_client(job: JobFile, run_dir: Path) -> TrainingClient:
         target_modules=job.lora.target_modules,
         freeze_vision_tower=job.model.freeze_vision_tower,
         freeze_projector=job.model.freeze_projector,
+        freeze_embeddings=job.model.freeze_embeddings,
         min_pixels=job.model.min_pixels,
         max_pixels=job.model.max_pixels,
         max_images_per_message=job.model.max_images_per_message,

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from vlmtune.data import parse_messages
 from vlmtune.data.schema import Message
 from vlmtune.engine.engine import CustomLossFn, EngineConfig, TrainingEngine
 from vlmtune.render import datum_from_rendered
@@ -27,6 +28,17 @@ from vlmtune.types import (
     SaveWeightsResponse,
     TensorData,
 )
+
+
+def to_messages(messages: Sequence[Message | dict[str, Any]]) -> list[Message]:
+    """Accept OpenAI-style dicts as well as parsed ``Message``s."""
+    if all(isinstance(m, Message) for m in messages):
+        return list(messages)  # type: ignore[arg-type]
+    if not all(isinstance(m, dict) for m in messages):
+        raise TypeError("pass either Message objects or message dicts, not a mix")
+    raw = list(messages)
+    kind = "rl" if raw and raw[-1].get("role") == "user" else "sft"
+    return parse_messages(raw, kind=kind, max_images_per_message=None)
 
 
 class SamplingClient:
@@ -106,6 +118,17 @@ class TrainingClient:
             self.engine.forward_backward, list(data), loss_fn, loss_fn_config
         )
 
+    def forward_reference(
+        self,
+        data: Sequence[Datum],
+        loss_fn: str = "cross_entropy",
+        loss_fn_config: dict | None = None,
+    ) -> APIFuture[ForwardBackwardOutput]:
+        """``forward`` under the base model (LoRA disabled, or a frozen copy for full FT)."""
+        return self._executor.submit(
+            self.engine.reference_forward, list(data), loss_fn, loss_fn_config
+        )
+
     def forward_backward_custom(
         self, data: Sequence[Datum], loss_fn: CustomLossFn
     ) -> APIFuture[ForwardBackwardOutput]:
@@ -137,9 +160,11 @@ class TrainingClient:
 
     # conveniences ------------------------------------------------------------------------
     def datum_from_messages(
-        self, messages: Sequence[Message], train_on: str = "all_assistant"
+        self, messages: Sequence[Message | dict[str, Any]], train_on: str = "all_assistant"
     ) -> Datum:
-        rendered = self.engine.renderer.render(list(messages), train_on=train_on)
+        """A next-token datum from a conversation (OpenAI-style dicts or ``Message``s)."""
+        msgs = to_messages(messages)
+        rendered = self.engine.renderer.render(msgs, train_on=train_on)
         return datum_from_rendered(rendered, self.engine.image_token_id)
 
     @property
@@ -191,8 +216,9 @@ class ServiceClient:
         """``lora_rank=0`` fine-tunes every language-model weight; >0 trains a LoRA."""
         kwargs = {**self.engine_defaults, **engine_kwargs}
         mode = kwargs.pop("mode", "full" if lora_rank == 0 else "lora")
+        checkpoint_dir = kwargs.pop("checkpoint_dir", None)
         config = EngineConfig(base_model=base_model, mode=mode, lora_rank=lora_rank or 16, **kwargs)
-        run_root = self.checkpoint_root / f"run-{uuid.uuid4().hex[:8]}"
+        run_root = Path(checkpoint_dir or self.checkpoint_root / f"run-{uuid.uuid4().hex[:8]}")
         return TrainingClient(TrainingEngine(config), run_root)
 
     def create_lora_training_client(
