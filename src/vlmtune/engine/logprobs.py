@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-DEFAULT_CHUNK_TOKENS = 1024
+# Each chunk's logits stay under this many entries (128 MiB in fp32): with Qwen3-VL's
+# 151,936-entry vocabulary that is ~220 positions per chunk.
+CHUNK_LOGITS_BUDGET = 32 * 2**20
 # Below this many logits (64 MiB in fp32) a chunk is kept rather than recomputed in
 # backward: recomputation costs a third more LM-head work for no real memory saving.
 CHECKPOINT_MIN_LOGITS = 16 * 2**20
@@ -35,7 +37,7 @@ def selected_token_logprobs(
     hidden_N_H: torch.Tensor,
     lm_head: torch.nn.Module,
     targets_N: torch.Tensor,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunk_tokens: int | None = None,
 ) -> torch.Tensor:
     """``log softmax(lm_head(h))[target]`` for N selected positions, chunk by chunk.
 
@@ -44,6 +46,8 @@ def selected_token_logprobs(
     """
     weight_V_H = lm_head.weight
     bias_V = getattr(lm_head, "bias", None)
+    if chunk_tokens is None:
+        chunk_tokens = max(1, CHUNK_LOGITS_BUDGET // weight_V_H.shape[0])
     needs_grad = torch.is_grad_enabled() and (hidden_N_H.requires_grad or weight_V_H.requires_grad)
     pieces = []
     for start in range(0, hidden_N_H.shape[0], chunk_tokens):
