@@ -180,3 +180,38 @@ def test_compute_problems_are_refused(tmp_path):
     assert "needs at least" in res.output
     if not torch.cuda.is_available():
         assert "qlora needs a CUDA GPU" in res.output
+
+
+def test_saved_dirs_keep_their_pixel_limits_and_adapters_load(tmp_path, tiny_dir):
+    """eval/sampling on a run's final/ uses the limits it was trained with, and a LoRA
+    final/ (an adapter dir) loads for inference (merged) and for more LoRA training."""
+    from vlmtune.engine.engine import EngineConfig, TrainingEngine
+
+    lora = TrainingEngine(
+        EngineConfig(
+            base_model=str(tiny_dir), mode="lora", lora_rank=4, min_pixels=4096, max_pixels=4096
+        )
+    )
+    with torch.no_grad():  # make the adapter non-trivial
+        for n, p in lora.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    final = lora.save_weights_for_sampler(tmp_path / "final")
+    ids = torch.tensor([[151644, 872, 198, 40, 151645]])
+    with torch.no_grad():
+        expected = lora.model(input_ids=ids).logits
+
+    merged = TrainingEngine(EngineConfig(base_model=str(final), mode="full"))
+    assert (
+        merged.image_preprocessor.min_pixels == 4096
+        and merged.image_preprocessor.max_pixels == 4096
+    )
+    again = TrainingEngine(EngineConfig(base_model=str(final), mode="lora"))
+    assert any(p.requires_grad for n, p in again.model.named_parameters() if "lora_" in n)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged.model(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4
+        )
+        torch.testing.assert_close(
+            again.model(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4
+        )

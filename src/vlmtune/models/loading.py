@@ -138,14 +138,20 @@ def load_model(
     if mode == "qlora":
         _check_qlora_possible()  # before reading gigabytes of weights
     path = resolve_model_path(name_or_path)
+    adapter_dir: Path | None = None
+    if (path / "adapter_config.json").is_file():  # a LoRA run's final/ or a sampler snapshot
+        adapter_dir, path = path, resolve_model_path(adapter_base_name(path))
     try:
-        spec = get_model_spec(name_or_path)
+        spec = get_model_spec(str(path) if adapter_dir else name_or_path)
     except UnknownModelError:  # e.g. a cached hub id outside the registry
         spec = spec_from_dir(path)
+    # A directory vlmtune (or the user) saved carries the pixel limits it was trained
+    # with; the family defaults apply only to registry names and hub ids.
+    own_limits = adapter_dir is not None or Path(name_or_path).expanduser().is_dir()
     processor = load_processor(
-        path,
-        min_pixels if min_pixels is not None else spec.min_pixels,
-        max_pixels if max_pixels is not None else spec.max_pixels,
+        adapter_dir or path,
+        min_pixels if min_pixels is not None else (None if own_limits else spec.min_pixels),
+        max_pixels if max_pixels is not None else (None if own_limits else spec.max_pixels),
     )
     kwargs: dict[str, Any] = {"dtype": dtype}
     if mode == "qlora":
@@ -164,6 +170,18 @@ def load_model(
     if mode != "qlora":
         model.to(device)
     base_name = spec.name if not Path(spec.name).is_dir() else str(path)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        if mode == "full":  # inference or full fine-tuning from a LoRA checkpoint: fold it in
+            model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+        else:  # keep training the same adapter (its rank and targets win over the arguments)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+            if gradient_checkpointing and mode != "qlora":
+                _enable_checkpointing(model)
+            return LoadedModel(model, processor, spec, path, mode, base_name)
 
     if gradient_checkpointing and mode != "qlora":  # qlora: prepare_model_for_kbit_training
         _enable_checkpointing(model)
@@ -332,6 +350,15 @@ def save_model_dir(
     return Path(out_dir)
 
 
+def adapter_base_name(adapter_dir: Path) -> str:
+    """The base model an adapter directory names (``base_model_name_or_path``)."""
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{adapter_dir}/adapter_config.json names no base model")
+    return str(base)
+
+
 def merge_adapter_to_dir(
     adapter_dir: str | Path, out_dir: str | Path, *, base: str | None = None
 ) -> Path:
@@ -340,11 +367,7 @@ def merge_adapter_to_dir(
     from transformers import AutoModelForImageTextToText
 
     adapter_dir = Path(adapter_dir)
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    base = base or cfg.get("base_model_name_or_path")
-    if not base:
-        raise ValueError(f"{adapter_dir}/adapter_config.json names no base model: pass base=")
-    base_path = resolve_model_path(base)
+    base_path = resolve_model_path(base or adapter_base_name(adapter_dir))
     model = AutoModelForImageTextToText.from_pretrained(str(base_path), dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     # The adapter dir's processor carries the run's pixel limits; fall back to the base's.

@@ -18,6 +18,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from vlmtune.types import AdamParams
+
 CHECKPOINT_PREFIX = "step-"
 
 
@@ -89,8 +91,9 @@ class ProgressBar:
     """A rich bar (loss, examples/s, time left) on a terminal; plain lines otherwise."""
 
     def __init__(
-        self, total: int, start: int, description: str, stream: TextIO = sys.stderr
+        self, total: int, start: int, description: str, stream: TextIO | None = None
     ) -> None:
+        stream = stream or sys.stderr  # looked up per call: tests and notebooks swap it
         self.total, self.start_step = total, start
         self.interactive = stream.isatty()
         self.last_print = 0.0
@@ -124,3 +127,28 @@ class ProgressBar:
                 f"step {step}/{self.total}  loss {loss:.4f}  {examples_per_s:.1f} ex/s",
                 file=self.stream,
             )
+
+
+def adam_params(hp: Any, learning_rate: float) -> AdamParams:
+    """The optimizer settings of ``[hyperparameters]`` at this step's learning rate."""
+    return AdamParams(
+        learning_rate=learning_rate,
+        beta1=hp.adam_beta1,
+        beta2=hp.adam_beta2,
+        eps=hp.adam_eps,
+        weight_decay=hp.weight_decay,
+        grad_clip_norm=hp.max_grad_norm,
+    )
+
+
+def resume_start_step(tc: Any, run_dir: Path, resume: bool, log: Any = print) -> int:
+    """The step to start from: 0, or the latest checkpoint's (its state is loaded into ``tc``)."""
+    if not resume:
+        return 0
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        log(f"--resume: no checkpoint under {run_dir / 'checkpoints'}; starting from step 0")
+        return 0
+    step = int(tc.load_state(str(ckpt)).result()["step"])
+    log(f"resumed from {ckpt} (step {step})")
+    return step
