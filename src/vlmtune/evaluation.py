@@ -25,6 +25,38 @@ class EvalResult:
     predictions: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _score(row: SFTRow, answer: str, text: str) -> dict[str, Any]:
+    ok = normalize_answer(text) == normalize_answer(answer)
+    return {"line": row.line, "prediction": text, "answer": answer, "correct": ok}
+
+
+def _result(predictions: list[dict[str, Any]]) -> EvalResult:
+    n = len(predictions)
+    correct = sum(p["correct"] for p in predictions)
+    return EvalResult(accuracy=correct / n if n else 0.0, n=n, predictions=predictions)
+
+
+def evaluate_exact_match_remote(
+    server: str,
+    api_key: str | None,
+    model: str,
+    rows: Sequence[SFTRow],
+    *,
+    max_new_tokens: int = 32,
+) -> EvalResult:
+    """The same metric against a model served by ``vlmtune serve`` (chat completions)."""
+    from vlmtune.sdk.http import remote_chat_completion
+
+    predictions = []
+    for row in rows:
+        prompt_messages, answer = split_prompt_and_answer(row.messages)
+        text = remote_chat_completion(
+            server, api_key, model, prompt_messages, max_tokens=max_new_tokens
+        )
+        predictions.append(_score(row, answer, text))
+    return _result(predictions)
+
+
 def evaluate_exact_match(
     sampler: SamplingClient,
     rows: Sequence[SFTRow],
@@ -37,7 +69,6 @@ def evaluate_exact_match(
     renderer = sampler.renderer
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
     predictions: list[dict[str, Any]] = []
-    correct = 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         prompts, answers = [], []
@@ -47,11 +78,5 @@ def evaluate_exact_match(
             answers.append(answer)
         responses = sampler.sample_many(prompts, 1, params).result()
         for row, answer, response in zip(chunk, answers, responses, strict=True):
-            text = renderer.decode(response.sequences[0].tokens)
-            ok = normalize_answer(text) == normalize_answer(answer)
-            correct += ok
-            predictions.append(
-                {"line": row.line, "prediction": text, "answer": answer, "correct": ok}
-            )
-    n = len(predictions)
-    return EvalResult(accuracy=correct / n if n else 0.0, n=n, predictions=predictions)
+            predictions.append(_score(row, answer, renderer.decode(response.sequences[0].tokens)))
+    return _result(predictions)

@@ -6,6 +6,7 @@ import typer
 
 from vlmtune.cli import data as data_cli
 from vlmtune.cli import models as models_cli
+from vlmtune.cli import serve as serve_cli
 from vlmtune.cli import train as train_cli
 
 app = typer.Typer(
@@ -18,6 +19,7 @@ app = typer.Typer(
 app.add_typer(data_cli.app, name="data")
 models_cli.register(app)
 train_cli.register(app)
+serve_cli.register(app)
 
 
 def main() -> None:

@@ -194,6 +194,14 @@ class TrainingClient:
 class ServiceClient:
     """Entry point. ``ServiceClient()`` runs in-process; ``base_url`` selects a server."""
 
+    def __new__(cls, base_url: str | None = None, api_key: str | None = None, **kwargs: Any) -> Any:
+        # With a URL, hand back the HTTP-backed client: the same methods, run by a server.
+        if base_url is not None:
+            from vlmtune.sdk.http import HttpServiceClient
+
+            return HttpServiceClient(base_url, api_key, **kwargs)
+        return super().__new__(cls)
+
     def __init__(
         self,
         base_url: str | None = None,
@@ -202,11 +210,6 @@ class ServiceClient:
         checkpoint_root: str | Path = "vlmtune_checkpoints",
         **engine_defaults: Any,
     ) -> None:
-        if base_url is not None:
-            raise NotImplementedError(
-                "vlmtune.sdk.ServiceClient(base_url=...) needs the HTTP transport, which this "
-                "version does not ship yet; use ServiceClient() to train in this process"
-            )
         self.checkpoint_root = Path(checkpoint_root)
         self.engine_defaults = engine_defaults
 

@@ -1,0 +1,153 @@
+"""The job control plane from Python: trainer endpoints, TOML jobs, promotion.
+
+A *trainer job* reserves a training endpoint for one base model and LoRA rank; pass
+``endpoint.base_url`` to ``ServiceClient`` (or ``tinker.ServiceClient``) and the runs
+it creates belong to the job, so their sampler checkpoints can be promoted to named
+models. A *TOML job* is a whole recipe run by the server in a worker process.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from vlmtune.sdk.http import HttpTransport, RemoteError
+
+MODEL_ID_RE = re.compile(r"^[a-z0-9-]{1,63}$")
+TERMINAL_STATES = ("succeeded", "failed", "cancelled", "deleted")
+
+
+@dataclass
+class TrainerJobConfig:
+    base_model: str
+    lora_rank: int = 16
+    learning_rate: float = 1e-4
+    gradient_accumulation_steps: int = 1
+    display_name: str | None = None
+    training_shape_ref: str | None = None
+
+
+@dataclass
+class TrainerEndpoint:
+    """A running trainer job; ``base_url`` is where its training clients connect."""
+
+    job_id: str
+    base_url: str
+    state: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def _endpoint(job: dict[str, Any]) -> TrainerEndpoint:
+    return TrainerEndpoint(
+        job["id"], job.get("base_url", ""), job["state"], job.get("config") or {}
+    )
+
+
+class JobsClient:
+    """Every job on a server (trainer and TOML): list, show, events, cancel, resume."""
+
+    def __init__(self, base_url: str, api_key: str | None = None) -> None:
+        self.t = HttpTransport(base_url, api_key)
+
+    def list(self, kind: str | None = None) -> list[dict[str, Any]]:
+        return self.t.get("/v1/jobs", **({"kind": kind} if kind else {}))["jobs"]
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        return self.t.get(f"/v1/jobs/{job_id}")
+
+    def submit_toml(
+        self,
+        config_toml: str,
+        type_: str = "sft",
+        overrides: list[str] | None = None,
+        name: str | None = None,
+    ) -> dict[str, Any]:
+        body = {
+            "config_toml": config_toml,
+            "type": type_,
+            "overrides": overrides or [],
+            "name": name,
+        }
+        return self.t.post("/v1/jobs", body)
+
+    def events(self, job_id: str, after: int = 0, wait: float = 0.0) -> dict[str, Any]:
+        return self.t.get(f"/v1/jobs/{job_id}/events", after=after, wait=wait)
+
+    def follow(
+        self, job_id: str, poll_s: float = 10.0
+    ) -> Iterator[tuple[dict[str, Any], dict[str, Any] | None]]:
+        """Yield ``(job, event)`` for each new event, then ``(job, None)`` once it ends."""
+        after = 0
+        while True:
+            out = self.events(job_id, after, wait=poll_s)
+            for event in out["events"]:
+                after = event["seq"]
+                yield out["job"], event
+            if out["job"]["state"] in TERMINAL_STATES and not out["events"]:
+                yield out["job"], None
+                return
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self.t.post(f"/v1/jobs/{job_id}/cancel")
+
+    def resume(self, job_id: str) -> dict[str, Any]:
+        return self.t.post(f"/v1/jobs/{job_id}/resume")
+
+    def delete(self, job_id: str) -> dict[str, Any]:
+        return self.t.request("DELETE", f"/v1/jobs/{job_id}")
+
+    def promote(self, job_id: str, checkpoint_id: str, output_model_id: str) -> dict[str, Any]:
+        if not MODEL_ID_RE.match(output_model_id):
+            raise ValueError(f"model id {output_model_id!r}: use 1-63 characters of a-z, 0-9 and -")
+        body = {"checkpoint_id": checkpoint_id, "output_model_id": output_model_id}
+        return self.t.post(f"/v1/jobs/{job_id}/promote", body)
+
+
+class TrainerJobManager:
+    """Create, list and delete trainer endpoints; promote their checkpoints to models."""
+
+    def __init__(self, base_url: str, api_key: str | None = None) -> None:
+        self.jobs = JobsClient(base_url, api_key)
+
+    def create(self, config: TrainerJobConfig) -> TrainerEndpoint:
+        return _endpoint(self.jobs.t.post("/v1/jobs/trainer", asdict(config)))
+
+    def create_and_wait(self, config: TrainerJobConfig, timeout: float = 600.0) -> TrainerEndpoint:
+        """Create a trainer job and return once it accepts training clients."""
+        endpoint = self.create(config)
+        deadline = time.monotonic() + timeout
+        while endpoint.state != "running":
+            if endpoint.state in TERMINAL_STATES or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"trainer job {endpoint.job_id} did not start (state {endpoint.state})"
+                )
+            time.sleep(1.0)
+            endpoint = self.get(endpoint.job_id)
+        return endpoint
+
+    def get(self, job_id: str) -> TrainerEndpoint:
+        return _endpoint(self.jobs.get(job_id))
+
+    def list(self) -> list[TrainerEndpoint]:
+        return [_endpoint(j) for j in self.jobs.list("trainer") if j["state"] != "deleted"]
+
+    def delete(self, job_id: str) -> None:
+        self.jobs.delete(job_id)
+
+    def resolve_training_profile(self, shape_id: str) -> dict[str, Any]:
+        """A training shape's settings; unknown ids raise ``KeyError`` naming the known ones."""
+        try:
+            return self.jobs.t.get(f"/v1/training_profiles/{shape_id}")
+        except RemoteError as e:
+            if e.status == 404:
+                raise KeyError(e.message) from None
+            raise
+
+    def promote_checkpoint(
+        self, job_id: str, checkpoint_id: str, output_model_id: str
+    ) -> dict[str, Any]:
+        """Turn a sampler checkpoint of the job into a model served by ``/v1/chat/completions``."""
+        return self.jobs.promote(job_id, checkpoint_id, output_model_id)

@@ -1,0 +1,184 @@
+"""The ASGI application: wiring, error mapping, and ways to run it (CLI or a thread).
+
+Every client error maps to a 4xx with a readable ``detail`` (never a traceback):
+``BadRequest`` 400, ``NotFound`` 404, oversized bodies 413, missing keys 401. An
+unexpected exception is a 500 whose body names the exception; the traceback goes to
+the server log only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+
+from vlmtune.server.auth import BodyTooLarge, GateMiddleware, KeyChecker, Receive, Scope, Send
+from vlmtune.server.context import SafeJSON, ServerConfig, ServerContext
+from vlmtune.server.inference import ModelPool
+from vlmtune.server.jobs import JobRunner
+from vlmtune.server.proto import ProtoError
+from vlmtune.server.runs import RunManager
+from vlmtune.server.samplers import SamplerManager
+from vlmtune.server.store import Store
+from vlmtune.server.wire import BadRequest, NotFound
+from vlmtune.server.workers import FutureRegistry
+
+log = logging.getLogger("vlmtune.server")
+_TRAINER_PREFIX = re.compile(r"^/trainer/(job-[0-9a-f]{12})(/.*)$")
+
+
+class TrainerPrefix:
+    """``/trainer/<job>/api/v1/...`` -> ``/api/v1/...``, tagging the request with the job."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            m = _TRAINER_PREFIX.match(scope["path"])
+            if m:
+                scope = dict(scope, path=m.group(2), raw_path=m.group(2).encode())
+                scope["vlmtune.trainer_job"] = m.group(1)
+        await self.app(scope, receive, send)
+
+
+def _error(status: int, message: str) -> SafeJSON:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    # ``detail`` for Tinker/FastAPI clients, ``error`` for OpenAI clients.
+    return SafeJSON({"detail": message, "error": {"message": message, "type": kind}}, status)
+
+
+def create_context(config: ServerConfig) -> ServerContext:
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(config.data_dir / "server.db")
+    pool = ModelPool(config.max_loaded_models)
+    runs = RunManager(store, config.data_dir, gap_timeout=config.gap_timeout_s)
+    jobs = JobRunner(store, config.data_dir, runs, config.max_concurrent_jobs)
+    samplers = SamplerManager(store, runs, pool)
+    return ServerContext(config, store, runs, FutureRegistry(), pool, jobs, samplers)
+
+
+def create_app(config: ServerConfig) -> Any:
+    """The full ASGI app (key and body-size gates around the FastAPI routes)."""
+    from vlmtune.server import jobs_api, openai_api, service_api, tinker_api
+
+    c = create_context(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        c.jobs.start()
+        try:
+            yield
+        finally:
+            c.jobs.close()
+            c.runs.close()
+            c.pool.close()
+            c.store.close()
+
+    api = FastAPI(title="vlmtune", lifespan=lifespan, docs_url=None, redoc_url=None)
+    api.state.ctx = c
+    for module in (service_api, tinker_api, jobs_api, openai_api):
+        api.include_router(module.router)
+
+    @api.exception_handler(BadRequest)
+    @api.exception_handler(ProtoError)
+    async def bad_request(_: Request, e: Exception) -> SafeJSON:
+        return _error(400, str(e))
+
+    @api.exception_handler(NotFound)
+    async def not_found(_: Request, e: Exception) -> SafeJSON:
+        return _error(404, str(e.args[0]) if e.args else "not found")
+
+    @api.exception_handler(BodyTooLarge)
+    async def too_large(_: Request, e: Exception) -> SafeJSON:
+        return _error(413, str(e))
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> SafeJSON:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()[:10]
+        )
+        return _error(400, f"invalid request: {problems}")
+
+    @api.exception_handler(HTTPException)
+    async def http_error(_: Request, e: HTTPException) -> SafeJSON:
+        return _error(e.status_code, str(e.detail))
+
+    @api.exception_handler(Exception)
+    async def internal(request: Request, e: Exception) -> SafeJSON:
+        log.exception("%s %s failed", request.method, request.url.path)
+        return _error(500, f"internal error: {type(e).__name__}: {e}")
+
+    checker = KeyChecker(c.store, config.api_keys_file)
+    app = GateMiddleware(TrainerPrefix(api), checker, int(config.max_body_mb * 2**20))
+    app.state = api.state  # so callers holding the outer app reach the context
+    return app
+
+
+def run_server(config: ServerConfig, log_level: str = "info") -> None:
+    import uvicorn
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=log_level)
+
+
+class ServerThread:
+    """A server in a background thread on a free loopback port (tests, benchmarks)."""
+
+    def __init__(self, data_dir: str | Path, **options: Any) -> None:
+        import uvicorn
+
+        options.setdefault("port", 0)  # a free port
+        self.config = ServerConfig(data_dir=Path(data_dir), **options)
+        self.app = create_app(self.config)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((self.config.host, self.config.port))
+        self.port = self.sock.getsockname()[1]
+        uv = uvicorn.Config(
+            self.app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5
+        )
+        self.server = uvicorn.Server(uv)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.port}"
+
+    @property
+    def context(self) -> ServerContext:
+        return self.app.state.ctx
+
+    def start(self, timeout: float = 60.0) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=120)
+        self.sock.close()
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,201 @@
+"""API keys and the two gates every request passes before any handler runs.
+
+A key looks like ``tml-<kid>_<secret>`` (the ``tinker`` client refuses keys without the
+``tml-`` prefix). Only ``kid`` (a public id, used to find the row) and an HMAC-SHA256
+of the whole key under a per-key random salt are stored; verification recomputes the
+HMAC and compares with ``hmac.compare_digest`` so timing does not leak the digest.
+
+The ASGI middleware rejects a missing or wrong key with 401 before the body is read,
+and a body over the size limit with 413 while it streams, so neither touches state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+from vlmtune.server.store import Store
+
+KEY_PREFIX = "tml-"
+# Paths that answer without a key (load balancers and clients probe them).
+PUBLIC_PATHS = frozenset({"/healthz", "/api/v1/healthz", "/v1/health"})
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def _digest(salt: bytes, key: str) -> bytes:
+    return hmac.new(salt, key.encode(), hashlib.sha256).digest()
+
+
+def _split(key: str) -> str | None:
+    """The key's public id, or None if it is not shaped like one of ours."""
+    if not key.startswith(KEY_PREFIX) or "_" not in key:
+        return None
+    kid = key[len(KEY_PREFIX) :].split("_", 1)[0]
+    return kid if 4 <= len(kid) <= 32 and kid.isalnum() else None
+
+
+def create_key(store: Store, label: str = "") -> str:
+    """Make a key, store its salted HMAC, and return the key (shown once, never stored)."""
+    kid = secrets.token_hex(6)
+    key = f"{KEY_PREFIX}{kid}_{secrets.token_urlsafe(32)}"
+    salt = secrets.token_bytes(16)
+    store.insert(
+        "api_keys", kid=kid, salt=salt, digest=_digest(salt, key), label=label, created=time.time()
+    )
+    return key
+
+
+def hashed_line(key: str) -> str:
+    """``kid:salt_hex:digest_hex`` for an API-keys file that must not hold plain keys."""
+    kid = _split(key)
+    if kid is None:
+        raise ValueError(f"not a vlmtune API key (expected {KEY_PREFIX}<id>_<secret>)")
+    salt = secrets.token_bytes(16)
+    return f"{kid}:{salt.hex()}:{_digest(salt, key).hex()}"
+
+
+class KeyChecker:
+    """Verifies keys against the database and an optional keys file."""
+
+    def __init__(self, store: Store, keys_file: str | Path | None = None) -> None:
+        self.store = store
+        self.file_keys: dict[str, list[tuple[bytes, bytes]]] = {}
+        if keys_file is not None:
+            self._load_file(Path(keys_file))
+
+    def _load_file(self, path: Path) -> None:
+        # Lines: a plain key (hashed here, in memory) or ``kid:salt_hex:digest_hex``.
+        for n, raw in enumerate(path.read_text().splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            if line.startswith(KEY_PREFIX):
+                kid = _split(line)
+                if kid is None:
+                    raise ValueError(f"{path}:{n}: malformed key")
+                salt = secrets.token_bytes(16)
+                self.file_keys.setdefault(kid, []).append((salt, _digest(salt, line)))
+                continue
+            parts = line.split(":")
+            if len(parts) != 3:
+                raise ValueError(f"{path}:{n}: expected a key or kid:salt_hex:digest_hex")
+            self.file_keys.setdefault(parts[0], []).append(
+                (bytes.fromhex(parts[1]), bytes.fromhex(parts[2]))
+            )
+
+    def check(self, key: str | None) -> bool:
+        if not key:
+            return False
+        kid = _split(key)
+        if kid is None:
+            return False
+        candidates = list(self.file_keys.get(kid, []))
+        row = self.store.one("SELECT salt, digest, revoked FROM api_keys WHERE kid = ?", (kid,))
+        if row is not None and not row["revoked"]:
+            candidates.append((row["salt"], row["digest"]))
+        ok = False
+        for salt, digest in candidates:
+            ok |= hmac.compare_digest(_digest(salt, key), digest)
+        return ok
+
+
+def key_from_headers(headers: list[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"x-api-key":
+            return value.decode("latin-1").strip()
+        if lname == b"authorization":
+            text = value.decode("latin-1").strip()
+            if text[:7].lower() == "bearer ":
+                return text[7:].strip()
+    return None
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    payload = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
+
+
+class BodyTooLarge(Exception):
+    """Raised from ``receive`` when a streamed body passes the limit (the app maps it to 413)."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"request body of {size:,}+ bytes exceeds the server limit of {limit:,} bytes "
+            "(--max-body-mb); send fewer or smaller images per request"
+        )
+
+
+class GateMiddleware:
+    """401 for a missing/wrong key, 413 for an oversized body; both before any handler."""
+
+    def __init__(self, app: ASGIApp, checker: KeyChecker, max_body_bytes: int) -> None:
+        self.app = app
+        self.checker = checker
+        self.max_body = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] not in PUBLIC_PATHS and not self.checker.check(
+            key_from_headers(scope.get("headers", []))
+        ):
+            await _send_json(
+                send,
+                401,
+                {"detail": "missing or invalid API key (send Authorization: Bearer <key>)"},
+            )
+            return
+        length = dict(scope.get("headers", [])).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            await _send_json(send, 413, {"detail": self._too_large(int(length))})
+            return
+        seen = 0
+        started = False
+
+        async def counting_receive() -> MutableMapping[str, Any]:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    raise BodyTooLarge(seen, self.max_body)
+            return message
+
+        async def tracking_send(message: MutableMapping[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except BodyTooLarge as e:
+            if not started:  # a chunked body that outgrew the limit while streaming
+                await _send_json(send, 413, {"detail": str(e)})
+
+    def _too_large(self, size: int) -> str:
+        return (
+            f"request body of {size:,} bytes exceeds the server limit of {self.max_body:,} bytes "
+            "(--max-body-mb); send fewer or smaller images per request"
+        )

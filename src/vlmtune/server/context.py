@@ -1,0 +1,56 @@
+"""What every route handler needs: the server's settings and its long-lived parts."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+if TYPE_CHECKING:
+    from vlmtune.server.inference import ModelPool
+    from vlmtune.server.jobs import JobRunner
+    from vlmtune.server.runs import RunManager
+    from vlmtune.server.samplers import SamplerManager
+    from vlmtune.server.store import Store
+    from vlmtune.server.workers import FutureRegistry
+
+
+@dataclass
+class ServerConfig:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys_file: Path | None = None
+    max_body_mb: float = 64.0
+    max_loaded_models: int = 2  # inference engines kept in memory (LRU)
+    max_concurrent_jobs: int = 1  # TOML job worker processes at once
+    poll_timeout_s: float = 20.0  # how long retrieve_future holds a request open
+    gap_timeout_s: float = 10.0  # how long a run waits for a missing seq_id
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ServerContext:
+    config: ServerConfig
+    store: Store
+    runs: RunManager
+    futures: FutureRegistry
+    pool: ModelPool
+    jobs: JobRunner
+    samplers: SamplerManager
+
+
+def ctx(request: Request) -> ServerContext:
+    return request.app.state.ctx
+
+
+class SafeJSON(JSONResponse):
+    """JSON that cannot fail on a diverged loss: NaN/Infinity are written as Python's
+    ``json`` writes them (and as the Python clients, ``tinker`` included, read them)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, allow_nan=True, separators=(",", ":")).encode()

@@ -1,0 +1,391 @@
+"""Jobs: trainer endpoints (interactive runs) and TOML jobs run in worker processes.
+
+A TOML job runs ``python -m vlmtune train --type T --config FILE --output RUN_DIR`` in
+its own process, so a crash, an out-of-memory kill or a cancel never takes the server
+down, and its stderr lines become the job's events. When it succeeds, the run's
+``final/`` directory is promoted to a model named after the job. Job state lives in
+the store: after a restart a job that was running is ``interrupted`` and can be
+resumed (``--resume`` continues from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+import uuid
+from pathlib import Path
+from typing import Any
+
+from vlmtune.server.runs import RunManager
+from vlmtune.server.store import Store
+from vlmtune.server.wire import BadRequest, NotFound
+
+MODEL_ID_RE = re.compile(r"^[a-z0-9-]{1,63}$")
+TERMINAL = ("succeeded", "failed", "cancelled", "deleted")
+PROFILES: dict[str, dict[str, Any]] = {
+    "default": {
+        "shape_id": "default",
+        "description": "one device, micro-batch 1, no packing, precision chosen by the device",
+        "devices": 1,
+        "micro_batch_size": 1,
+        "packing": False,
+        "max_sequence_length": 4096,
+        "precision": "auto",
+    }
+}
+_PATTERNS = [
+    (re.compile(r"^step (\d+)/(\d+)\s+loss (\S+)"), "progress", ("step", "total", "loss")),
+    (re.compile(r"^eval @ step (\d+): loss (\S+)\s+accuracy (\S+)"), "eval", ("step", "loss", "accuracy")),
+    (re.compile(r"^saved (.+)$"), "saved", ("path",)),
+    (re.compile(r"^resumed from (.+) \(step (\d+)\)"), "resumed", ("path", "step")),
+    (re.compile(r"^run directory: (.+)$"), "started", ("run_dir",)),
+]  # fmt: skip
+
+
+def resolve_profile(shape_id: str) -> dict[str, Any]:
+    if shape_id not in PROFILES:
+        raise NotFound(
+            f"unknown training shape {shape_id!r}: training shapes are not implemented yet; "
+            f"this server has {sorted(PROFILES)}"
+        )
+    return dict(PROFILES[shape_id])
+
+
+def parse_event(line: str) -> tuple[str, dict[str, Any]]:
+    """A worker's stderr line -> (event type, data)."""
+    for pattern, kind, names in _PATTERNS:
+        m = pattern.match(line)
+        if m:
+            data: dict[str, Any] = {}
+            for name, value in zip(names, m.groups(), strict=True):
+                try:
+                    data[name] = int(value) if value.isdigit() else float(value)
+                except ValueError:
+                    data[name] = value
+            return kind, data
+    if (
+        line.startswith(("Traceback", "Error", "RuntimeError", "ValueError"))
+        or "error" in line[:40].lower()
+    ):
+        return "error", {}
+    return "log", {}
+
+
+def model_name(text: str) -> str:
+    name = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:63].strip("-")
+    return name or "model"
+
+
+class JobRunner:
+    def __init__(
+        self, store: Store, data_dir: Path, runs: RunManager, max_concurrent: int = 1
+    ) -> None:
+        self.store = store
+        self.dir = data_dir / "jobs"
+        self.runs = runs
+        self.max_concurrent = max(1, max_concurrent)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.threads: dict[str, threading.Thread] = {}
+        self.cancelling: set[str] = set()
+        self._lock = threading.RLock()
+        self._closing = False
+
+    def start(self) -> None:
+        for row in self.store.all("SELECT id FROM jobs WHERE state = 'running' AND kind = 'toml'"):
+            self._set(row["id"], "interrupted")
+            self.store.add_event(
+                row["id"], "interrupted", "the server stopped while this job ran; resume it"
+            )
+        self._schedule()
+
+    # ---- bookkeeping ------------------------------------------------------------------
+    def get(self, job_id: str) -> dict[str, Any]:
+        row = self.store.one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        if row is None:
+            raise NotFound(f"unknown job {job_id!r}")
+        return row
+
+    def list(self, kind: str | None = None) -> list[dict[str, Any]]:
+        if kind:
+            return self.store.all(
+                "SELECT * FROM jobs WHERE kind = ? ORDER BY created DESC", (kind,)
+            )
+        return self.store.all("SELECT * FROM jobs ORDER BY created DESC")
+
+    def _set(self, job_id: str, state: str, **values: Any) -> None:
+        self.store.update("jobs", {"id": job_id}, state=state, updated=time.time(), **values)
+
+    def _new(self, kind: str, name: str, state: str, config: dict[str, Any], **values: Any) -> dict:
+        job_id = f"job-{uuid.uuid4().hex[:12]}"
+        now = time.time()
+        self.store.insert("jobs", id=job_id, kind=kind, name=name, state=state, config=config,
+                          created=now, updated=now, **values)  # fmt: skip
+        self.store.add_event(job_id, "created", f"{kind} job created")
+        return self.get(job_id)
+
+    # ---- trainer jobs -------------------------------------------------------------------
+    def create_trainer(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        base, rank = cfg.get("base_model"), cfg.get("lora_rank", 16)
+        if not isinstance(base, str) or not isinstance(rank, int) or rank < 0:
+            raise BadRequest("trainer job needs base_model (str) and lora_rank (int >= 0)")
+        self.runs.engine_config(base, rank, None)  # the model must be servable here
+        lr, gas = cfg.get("learning_rate", 1e-4), cfg.get("gradient_accumulation_steps", 1)
+        if not isinstance(lr, int | float) or lr <= 0 or not isinstance(gas, int) or gas < 1:
+            raise BadRequest("learning_rate must be > 0 and gradient_accumulation_steps >= 1")
+        profile = resolve_profile(cfg.get("training_shape_ref") or "default")
+        name = str(cfg.get("display_name") or f"{base.split('/')[-1]}-r{rank}")[:200]
+        config = {"base_model": base, "lora_rank": rank, "learning_rate": float(lr),
+                  "gradient_accumulation_steps": gas, "display_name": name,
+                  "training_shape_ref": cfg.get("training_shape_ref"), "profile": profile}  # fmt: skip
+        return self._new("trainer", name, "running", config)
+
+    def check_trainer_run(self, job_id: str, base_model: str, rank: int) -> None:
+        job = self.get(job_id)
+        if job["kind"] != "trainer" or job["state"] != "running":
+            raise NotFound(f"trainer job {job_id} is not running (state {job['state']})")
+        cfg = job["config"]
+        if base_model != cfg["base_model"] or rank != cfg["lora_rank"]:
+            raise BadRequest(
+                f"trainer job {job_id} trains {cfg['base_model']} with lora_rank "
+                f"{cfg['lora_rank']}; this request asks for {base_model} with rank {rank}"
+            )
+
+    # ---- TOML jobs ----------------------------------------------------------------------
+    def submit_toml(self, text: str, type_: str, overrides: list[str], name: str | None) -> dict:
+        if type_ not in ("sft", "dpo", "rl"):
+            raise BadRequest(f"type must be sft, dpo or rl (got {type_!r})")
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise BadRequest(f"config is not valid TOML: {e}") from None
+        if not all(isinstance(o, str) and "=" in o for o in overrides):
+            raise BadRequest("overrides must be strings like section.key=value")
+        job_name = name or (raw.get("job") or {}).get("name") or "job"
+        row = self._new("toml", str(job_name), "queued", {"type": type_, "overrides": overrides})
+        job_dir = self.dir / row["id"]
+        job_dir.mkdir(parents=True, exist_ok=True)
+        (job_dir / "config.toml").write_text(text)
+        self.store.update("jobs", {"id": row["id"]}, run_dir=str(job_dir / "run"))
+        self._schedule()
+        return self.get(row["id"])
+
+    def _schedule(self) -> None:
+        with self._lock:
+            if self._closing:
+                return
+            while len(self.procs) < self.max_concurrent:
+                row = self.store.one(
+                    "SELECT * FROM jobs WHERE state = 'queued' AND kind = 'toml' ORDER BY updated LIMIT 1"
+                )
+                if row is None:
+                    return
+                self._launch(row, resume=bool(row["config"].get("resume")))
+
+    def _launch(self, job: dict[str, Any], resume: bool) -> None:
+        job_dir = self.dir / job["id"]
+        cfg = job["config"]
+        cmd = [sys.executable, "-m", "vlmtune", "train", "--type", cfg["type"],
+               "--config", str(job_dir / "config.toml"), "--output", job["run_dir"],
+               *(["--resume"] if resume else []), *cfg.get("overrides", [])]  # fmt: skip
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        stdout = (job_dir / "stdout.log").open("ab")
+        proc = subprocess.Popen(cmd, cwd=job_dir, stdin=subprocess.DEVNULL, stdout=stdout,
+                                stderr=subprocess.PIPE, env=env, start_new_session=True)  # fmt: skip
+        stdout.close()
+        self.procs[job["id"]] = proc
+        self._set(job["id"], "running", error=None, exit_code=None)
+        self.store.add_event(
+            job["id"],
+            "running",
+            f"worker process {proc.pid} started" + (" (resume)" if resume else ""),
+        )
+        thread = threading.Thread(target=self._monitor, args=(job["id"], proc), daemon=True)
+        self.threads[job["id"]] = thread
+        thread.start()
+
+    def _monitor(self, job_id: str, proc: subprocess.Popen) -> None:
+        tail: list[str] = []
+        with (self.dir / job_id / "stderr.log").open("a") as log_file:
+            assert proc.stderr is not None
+            for raw in proc.stderr:
+                line = raw.decode(errors="replace").rstrip()
+                log_file.write(line + "\n")
+                if not line:
+                    continue
+                tail = (tail + [line])[-30:]
+                kind, data = parse_event(line)
+                self.store.add_event(job_id, kind, line[:2000], data)
+        code = proc.wait()
+        with self._lock:
+            self.procs.pop(job_id, None)
+            cancelled = job_id in self.cancelling
+            self.cancelling.discard(job_id)
+        if self._closing and not cancelled:
+            self._set(job_id, "interrupted", exit_code=code)
+            return
+        if cancelled:
+            self._set(job_id, "cancelled", exit_code=code)
+            self.store.add_event(job_id, "cancelled", "cancelled")
+        elif code == 0:
+            self._succeeded(job_id)
+        else:
+            self._set(job_id, "failed", exit_code=code, error="\n".join(tail[-12:]))
+            self.store.add_event(job_id, "failed", f"worker exited with code {code}")
+        self._schedule()
+
+    def _succeeded(self, job_id: str) -> None:
+        job = self.get(job_id)
+        summary: dict[str, Any] = {}
+        lines = (self.dir / job_id / "stdout.log").read_text(errors="replace").strip().splitlines()
+        for line in reversed(lines):
+            try:
+                summary = json.loads(line)
+                break
+            except json.JSONDecodeError:
+                continue
+        final = Path(job["run_dir"]) / "final"
+        model_id = None
+        if final.is_dir():
+            base = (
+                tomllib.loads((self.dir / job_id / "config.toml").read_text())
+                .get("job", {})
+                .get("model", "")
+            )
+            model_id = self._unique_model_id(model_name(job["name"]))
+            self._add_model(model_id, final, base, {"job_id": job_id, "checkpoint": "final"})
+            self.store.add_event(job_id, "promoted", f"model {model_id}", {"model_id": model_id})
+        self._set(job_id, "succeeded", exit_code=0, model_id=model_id)
+        self.store.add_event(
+            job_id, "succeeded", "finished", {"summary": summary, "model_id": model_id}
+        )
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        job = self.get(job_id)
+        if job["kind"] == "trainer":
+            raise BadRequest("a trainer job is stopped with delete")
+        with self._lock:
+            proc = self.procs.get(job_id)
+            if proc is not None:
+                self.cancelling.add(job_id)
+            elif job["state"] in ("queued", "interrupted"):
+                self._set(job_id, "cancelled")
+                self.store.add_event(job_id, "cancelled", "cancelled")
+        if proc is not None:
+            _stop(proc)
+            self.threads[job_id].join(timeout=30)
+        return self.get(job_id)
+
+    def resume(self, job_id: str) -> dict[str, Any]:
+        job = self.get(job_id)
+        if job["kind"] != "toml" or job["state"] not in ("failed", "cancelled", "interrupted"):
+            raise BadRequest(
+                f"only a failed, cancelled or interrupted TOML job resumes (state {job['state']})"
+            )
+        self.store.update("jobs", {"id": job_id}, config={**job["config"], "resume": True})
+        self._set(job_id, "queued")
+        self.store.add_event(job_id, "queued", "resume requested")
+        self._schedule()
+        return self.get(job_id)
+
+    def delete(self, job_id: str) -> dict[str, Any]:
+        job = self.get(job_id)
+        if job_id in self.procs:
+            self.cancel(job_id)
+        for row in self.store.all("SELECT id FROM runs WHERE job_id = ?", (job_id,)):
+            self.runs.unload(row["id"])
+        # Its runs stop serving; their checkpoints (and models promoted from them) stay.
+        self.store.update("runs", {"job_id": job_id}, deleted=1)
+        self._set(job_id, "deleted")
+        self.store.add_event(job_id, "deleted", "deleted")
+        return {**job, "state": "deleted"}
+
+    # ---- models -------------------------------------------------------------------------
+    def _unique_model_id(self, name: str) -> str:
+        candidate, n = name, 1
+        while self.store.one("SELECT id FROM models WHERE id = ?", (candidate,)):
+            n += 1
+            candidate = f"{name[: 63 - len(str(n)) - 1]}-{n}"
+        return candidate
+
+    def _add_model(self, model_id: str, path: Path, base: str, source: dict) -> None:
+        self.store.insert(
+            "models",
+            id=model_id,
+            path=str(path),
+            base_model=base,
+            source=source,
+            created=time.time(),
+        )
+
+    def promote(self, job_id: str, checkpoint_id: str, output_model_id: str) -> dict[str, Any]:
+        if not MODEL_ID_RE.match(output_model_id):
+            raise BadRequest(f"model id {output_model_id!r}: use 1-63 characters of a-z, 0-9 and -")
+        if self.store.one("SELECT id FROM models WHERE id = ?", (output_model_id,)):
+            raise BadRequest(f"model {output_model_id!r} already exists")
+        job = self.get(job_id)
+        if job["kind"] == "toml":
+            path = Path(job["run_dir"]) / (checkpoint_id or "final")
+            if checkpoint_id not in ("", "final") or not path.is_dir():
+                raise NotFound(
+                    f"job {job_id} has no checkpoint {checkpoint_id!r} (TOML jobs: 'final')"
+                )
+            base = tomllib.loads((self.dir / job_id / "config.toml").read_text())["job"]["model"]
+        else:
+            row = self._job_checkpoint(job_id, checkpoint_id)
+            path = Path(row["path"])
+            base = self.store.one("SELECT base_model FROM runs WHERE id = ?", (row["run_id"],))[
+                "base_model"
+            ]
+        self._add_model(
+            output_model_id, path, base, {"job_id": job_id, "checkpoint": checkpoint_id}
+        )
+        return self.store.one("SELECT * FROM models WHERE id = ?", (output_model_id,)) or {}
+
+    def _job_checkpoint(self, job_id: str, checkpoint_id: str) -> dict[str, Any]:
+        if checkpoint_id.startswith("tinker://"):
+            row = self.runs.resolve_checkpoint(checkpoint_id, None, "sampler")
+            owner = self.store.one("SELECT job_id FROM runs WHERE id = ?", (row["run_id"],))
+            if owner is None or owner["job_id"] != job_id:
+                raise BadRequest(f"{checkpoint_id} does not belong to job {job_id}")
+            return row
+        name = checkpoint_id.removeprefix("sampler_weights/")
+        rows = self.store.all(
+            "SELECT c.* FROM checkpoints c JOIN runs r ON r.id = c.run_id "
+            "WHERE r.job_id = ? AND c.kind = 'sampler' AND c.name = ?",
+            (job_id, name),
+        )
+        if not rows:
+            raise NotFound(f"job {job_id} has no sampler checkpoint {checkpoint_id!r}")
+        if len(rows) > 1:
+            raise BadRequest(
+                f"{len(rows)} runs of job {job_id} have {name!r}: pass its tinker:// path"
+            )
+        return rows[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            procs = list(self.procs.items())
+        for job_id, proc in procs:
+            _stop(proc)
+            self.threads[job_id].join(timeout=30)
+            self.store.add_event(
+                job_id, "interrupted", "the server stopped; resume the job to continue"
+            )
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)  # the worker and anything it started
+        proc.wait(timeout=15)
+    except (ProcessLookupError, PermissionError):
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)

@@ -1,0 +1,144 @@
+"""Sampling sessions: what a ``sampling_session_id`` samples from.
+
+``live``: a training run's current weights (Tinker's ``inflight``), on the run's worker.
+``snapshot``: a run's weights at the moment of saving (Tinker's default for
+``save_weights_and_get_sampling_client``): a copy of the trainable tensors is kept in
+memory and swapped in for each call, so training may go on in between.
+``path``: a saved sampler checkpoint; ``base``: a base model. Both are served by the
+``ModelPool`` of inference engines and survive restarts (their rows are in the store).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vlmtune.server.inference import ModelPool, SampleResult, load_inference_engine, sample
+from vlmtune.server.runs import Run, RunManager
+from vlmtune.server.store import Store
+from vlmtune.server.validate import InputValidator
+from vlmtune.server.wire import BadRequest, NotFound
+from vlmtune.types import ModelInput, SamplingParams
+
+MAX_SNAPSHOTS = 4  # per run: each holds a copy of the trainable weights
+
+
+@dataclass
+class Sampler:
+    id: str
+    kind: str  # live | snapshot | path | base
+    base_model: str
+    run_id: str | None = None
+    path: str | None = None
+
+
+class SamplerManager:
+    def __init__(self, store: Store, runs: RunManager, pool: ModelPool) -> None:
+        self.store = store
+        self.runs = runs
+        self.pool = pool
+        self.samplers: dict[str, Sampler] = {}
+        self._lock = threading.Lock()
+
+    def from_run(self, run: Run, kind: str, seq: int | None) -> concurrent.futures.Future:
+        """A session over a run's weights: ``inflight`` (live) or ``snapshot`` (frozen now)."""
+        sid = f"samp-{uuid.uuid4().hex[:16]}"
+        live = kind == "inflight"
+        sampler = Sampler(sid, "live" if live else "snapshot", run.config.base_model, run.id)
+
+        def task() -> dict[str, Any]:
+            engine = self.runs.engine(run)
+            if not live:
+                params = engine.model.named_parameters()
+                weights = {n: p.detach().clone() for n, p in params if p.requires_grad}
+                run.snapshots[sid] = (run.version, weights)
+                while len(run.snapshots) > MAX_SNAPSHOTS:
+                    run.snapshots.popitem(last=False)
+            with self._lock:
+                self.samplers[sid] = sampler
+            return {"type": "save_weights_for_sampler", "sampling_session_id": sid}
+
+        return run.worker.submit(task, seq)
+
+    def create(self, model_path: str | None, base_model: str | None) -> Sampler:
+        sid = f"samp-{uuid.uuid4().hex[:16]}"
+        if model_path:
+            row = self.runs.resolve_checkpoint(model_path, None, "sampler")
+            base = self.store.one("SELECT base_model FROM runs WHERE id = ?", (row["run_id"],))
+            sampler = Sampler(sid, "path", base["base_model"], row["run_id"], row["path"])
+        elif base_model:
+            self.runs.engine_config(base_model, 0, None)  # validates the name
+            sampler = Sampler(sid, "base", base_model)
+        else:
+            raise BadRequest("give model_path or base_model")
+        self.store.insert(
+            "sampling_sessions", id=sid, kind=sampler.kind, run_id=sampler.run_id,
+            path=sampler.path, base_model=sampler.base_model, created=time.time(),
+        )  # fmt: skip
+        with self._lock:
+            self.samplers[sid] = sampler
+        return sampler
+
+    def get(self, sid: str) -> Sampler:
+        with self._lock:
+            if sid in self.samplers:
+                return self.samplers[sid]
+        row = self.store.one("SELECT * FROM sampling_sessions WHERE id = ?", (sid,))
+        if row is None:
+            raise NotFound(f"unknown sampling session {sid!r} (snapshots do not survive a restart)")
+        sampler = Sampler(row["id"], row["kind"], row["base_model"], row["run_id"], row["path"])
+        with self._lock:
+            self.samplers[sid] = sampler
+        return sampler
+
+    def validator(self, sampler: Sampler) -> InputValidator:
+        if sampler.run_id is not None:
+            return self.runs.validator(self.runs.get(sampler.run_id).config)
+        return self.runs.validator(self.runs.engine_config(sampler.base_model, 0, None))
+
+    def sample(
+        self,
+        sampler: Sampler,
+        prompt: ModelInput,
+        n: int,
+        params: SamplingParams,
+        lps: bool,
+        last_n: int | None,
+    ) -> concurrent.futures.Future:
+        if sampler.kind in ("path", "base"):
+            key = sampler.path or sampler.base_model
+            return self.pool.run(
+                key,
+                lambda: load_inference_engine(key, sampler.base_model),
+                lambda e: sample(e, prompt, n, params, lps, last_n),
+            )
+        run = self.runs.get(sampler.run_id or "")
+
+        def task() -> SampleResult:
+            engine = self.runs.engine(run)
+            if sampler.kind == "live":
+                return sample(engine, prompt, n, params, lps, last_n)
+            if sampler.id not in run.snapshots:
+                raise BadRequest("this sampling snapshot expired; save weights for a sampler again")
+            version, weights = run.snapshots[sampler.id]
+            if version == run.version:  # nothing changed since the snapshot
+                return sample(engine, prompt, n, params, lps, last_n)
+            by_name = dict(engine.model.named_parameters())
+            current = {k: by_name[k].detach().clone() for k in weights}
+            try:
+                with torch.no_grad():
+                    for k, w in weights.items():
+                        by_name[k].copy_(w)
+                return sample(engine, prompt, n, params, lps, last_n)
+            finally:
+                with torch.no_grad():
+                    for k, w in current.items():
+                        by_name[k].copy_(w)
+
+        return run.worker.submit(task)

@@ -1,0 +1,299 @@
+"""The service half of the Tinker protocol (sessions, client config, listings) and extensions.
+
+The ``tinker`` client opens with ``/api/v1/client/config`` (feature flags: this server
+asks for plain httpx, uncompressed protobuf and per-request polling), creates a
+session, heartbeats it every 10 s and sends telemetry; all are answered here. Runs
+and checkpoints are listed from the database, so they survive restarts.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+
+from vlmtune.server.context import SafeJSON, ctx
+from vlmtune.server.runs import tinker_path
+from vlmtune.server.tinker_api import ModelIdBody, body_of
+from vlmtune.server.wire import BadRequest, NotFound, _Wire
+
+router = APIRouter()
+
+CLIENT_CONFIG = {
+    "pjwt_auth_enabled": False,
+    "credential_default_source": "api_key",
+    "use_pyqwest_transport": False,
+    "proto_compress_fwdbwd": False,
+    "parallel_fwdbwd_chunks": True,
+    "sample_use_retrieve_futures": False,
+    "custom_loss_server_side": False,
+    "sample_join_sampling_session": False,
+    "sample_enable_stuck_detection": True,
+}
+
+
+class SessionBody(_Wire):
+    session_id: str
+
+
+class SamplingSessionBody(_Wire):
+    session_id: str | None = None
+    sampling_session_seq_id: int | None = None
+    base_model: str | None = None
+    model_path: str | None = None
+
+
+class ImageTokenBody(_Wire):
+    base_model: str | None = None
+    model_id: str | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    images: list[dict[str, Any]]
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+@router.get("/healthz")
+@router.get("/v1/health")
+@router.get("/api/v1/healthz")
+async def healthz() -> SafeJSON:
+    return SafeJSON({"status": "ok"})
+
+
+@router.post("/api/v1/client/config")
+async def client_config() -> SafeJSON:
+    return SafeJSON(CLIENT_CONFIG)
+
+
+@router.post("/api/v1/client/dynamic_config")
+async def client_dynamic_config() -> SafeJSON:
+    return SafeJSON({"refresh_interval_sec": 300, "sample_cancel_enabled": False})
+
+
+@router.post("/api/v1/telemetry")
+async def telemetry() -> SafeJSON:
+    return SafeJSON({"status": "accepted"})  # accepted and dropped: nothing leaves this host
+
+
+@router.post("/api/v1/create_session")
+async def create_session(request: Request) -> SafeJSON:
+    now = time.time()
+    sid = f"sess-{uuid.uuid4().hex[:16]}"
+    raw = await request.body()
+    ctx(request).store.insert(
+        "sessions", id=sid, created=now, last_seen=now, meta={"bytes": len(raw)}
+    )
+    return SafeJSON({"type": "create_session", "session_id": sid})
+
+
+@router.post("/api/v1/session_heartbeat")
+async def session_heartbeat(request: Request) -> SafeJSON:
+    body: SessionBody = await body_of(request, SessionBody)
+    if not ctx(request).store.update("sessions", {"id": body.session_id}, last_seen=time.time()):
+        raise NotFound(f"unknown session {body.session_id!r}")
+    return SafeJSON({"type": "session_heartbeat"})
+
+
+@router.post("/api/v1/sessions/{session_id}/finish")
+async def finish_session(session_id: str, request: Request) -> SafeJSON:
+    ctx(request).store.update(
+        "sessions", {"id": session_id}, status="finished", last_seen=time.time()
+    )
+    return SafeJSON({})
+
+
+@router.get("/api/v1/get_server_capabilities")
+async def capabilities(request: Request) -> SafeJSON:
+    models = await run_in_threadpool(available_base_models)
+    return SafeJSON(
+        {
+            "supported_models": [
+                {
+                    "model_name": name,
+                    "max_context_length": ctx_len,
+                    "trainable": True,
+                    "sampleable": True,
+                }
+                for name, ctx_len in models
+            ]
+        }
+    )
+
+
+_AVAILABLE: tuple[float, list[tuple[str, int | None]]] = (0.0, [])
+
+
+def available_base_models() -> list[tuple[str, int | None]]:
+    """Registry models whose weights are on this machine (the server never downloads).
+
+    Cached for a minute: looking in the Hugging Face cache costs a few file lookups
+    per model, and ``/v1/models`` may be polled.
+    """
+    global _AVAILABLE
+    from vlmtune.models.loading import resolve_model_path
+    from vlmtune.models.registry import list_models
+
+    if time.monotonic() - _AVAILABLE[0] < 60:
+        return _AVAILABLE[1]
+    out = []
+    for spec in list_models():
+        try:
+            resolve_model_path(spec.name)
+        except (FileNotFoundError, OSError, ValueError):
+            continue
+        out.append((spec.name, 4096 if spec.min_gpus == 0 else 262144))
+    _AVAILABLE = (time.monotonic(), out)
+    return out
+
+
+@router.post("/api/v1/create_sampling_session")
+async def create_sampling_session(request: Request) -> SafeJSON:
+    c = ctx(request)
+    body: SamplingSessionBody = await body_of(request, SamplingSessionBody)
+    sampler = await run_in_threadpool(c.samplers.create, body.model_path, body.base_model)
+    validator = await run_in_threadpool(c.samplers.validator, sampler)
+    cap = c.runs.get(sampler.run_id).config.max_images_per_message if sampler.run_id else 1
+    return SafeJSON(
+        {
+            "type": "create_sampling_session",
+            "sampling_session_id": sampler.id,
+            "model_name": sampler.base_model,  # vlmtune: what a client needs to render locally
+            "vlmtune": {
+                "min_pixels": validator.min_pixels,
+                "max_pixels": validator.max_pixels,
+                "max_images_per_message": cap,
+            },
+        }
+    )
+
+
+@router.get("/api/v1/samplers/{sampler_id}")
+async def get_sampler(sampler_id: str, request: Request) -> SafeJSON:
+    s = ctx(request).samplers.get(sampler_id)
+    path = None if s.kind != "path" else s.path
+    return SafeJSON({"sampler_id": s.id, "base_model": s.base_model, "model_path": path})
+
+
+def _checkpoint_json(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "checkpoint_id": f"{'weights' if row['kind'] == 'training' else 'sampler_weights'}/{row['name']}",
+        "checkpoint_type": row["kind"],
+        "time": _iso(row["created"]),
+        "tinker_path": tinker_path(row["run_id"], row["kind"], row["name"]),
+        "public": False,
+        "user_metadata": {k: str(v) for k, v in (row.get("user_metadata") or {}).items()},
+        "vlmtune": {"step": row["step"], "checkpoint_type": row["checkpoint_type"]},
+    }
+
+
+def _run_json(c: Any, row: dict[str, Any]) -> dict[str, Any]:
+    ckpts = c.store.checkpoints(row["id"])
+    last = {
+        k: next((x for x in reversed(ckpts) if x["kind"] == k), None)
+        for k in ("training", "sampler")
+    }
+    return {
+        "training_run_id": row["id"],
+        "base_model": row["base_model"],
+        "model_owner": "local",
+        "is_lora": row["lora_rank"] > 0,
+        "corrupted": False,
+        "lora_rank": row["lora_rank"] or None,
+        "last_request_time": _iso(row["last_request"]),
+        "last_checkpoint": _checkpoint_json(last["training"]) if last["training"] else None,
+        "last_sampler_checkpoint": _checkpoint_json(last["sampler"]) if last["sampler"] else None,
+        "user_metadata": {k: str(v) for k, v in (row.get("user_metadata") or {}).items()},
+        "vlmtune": {
+            "step": row["step"],
+            "job_id": row["job_id"],
+            "loaded": row["id"] in c.runs.runs,
+        },
+    }
+
+
+@router.get("/api/v1/training_runs")
+async def list_runs(request: Request, limit: int = 20, offset: int = 0) -> SafeJSON:
+    c = ctx(request)
+    rows = c.store.all(
+        "SELECT * FROM runs WHERE deleted = 0 ORDER BY created DESC LIMIT ? OFFSET ?",
+        (limit, offset),
+    )
+    total = c.store.one("SELECT COUNT(*) AS n FROM runs WHERE deleted = 0")["n"]
+    return SafeJSON(
+        {
+            "training_runs": [_run_json(c, r) for r in rows],
+            "cursor": {"offset": offset, "limit": limit, "total_count": total},
+        }
+    )
+
+
+@router.get("/api/v1/training_runs/{run_id}")
+async def get_run(run_id: str, request: Request) -> SafeJSON:
+    c = ctx(request)
+    row = c.store.one("SELECT * FROM runs WHERE id = ? AND deleted = 0", (run_id,))
+    if row is None:
+        raise NotFound(f"unknown training run {run_id!r}")
+    return SafeJSON(_run_json(c, row))
+
+
+@router.get("/api/v1/training_runs/{run_id}/checkpoints")
+async def list_checkpoints(run_id: str, request: Request) -> SafeJSON:
+    c = ctx(request)
+    if c.store.one("SELECT id FROM runs WHERE id = ?", (run_id,)) is None:
+        raise NotFound(f"unknown training run {run_id!r}")
+    return SafeJSON(
+        {"checkpoints": [_checkpoint_json(r) for r in c.store.checkpoints(run_id)], "cursor": None}
+    )
+
+
+@router.post("/api/v1/unload_model")
+async def unload_model(request: Request) -> SafeJSON:
+    body: ModelIdBody = await body_of(request, ModelIdBody)
+    ctx(request).runs.unload(body.model_id)  # its checkpoints stay; it reloads on next use
+    return SafeJSON({"type": "unload_model", "model_id": body.model_id})
+
+
+@router.post("/api/v1/image_token_count")
+@router.post("/v1/image_token_count")
+async def image_token_count(request: Request) -> SafeJSON:
+    """How many ``<|image_pad|>`` tokens each image becomes for a run or a base model."""
+    c = ctx(request)
+    body: ImageTokenBody = await body_of(request, ImageTokenBody)
+    if body.model_id is not None:
+        config = c.runs.get(body.model_id).config
+    elif body.base_model is not None:
+        overrides = {
+            k: v for k, v in (("min_pixels", body.min_pixels), ("max_pixels", body.max_pixels)) if v
+        }
+        config = await run_in_threadpool(c.runs.engine_config, body.base_model, 0, overrides)
+    else:
+        raise BadRequest("give model_id (a training run) or base_model")
+    validator = await run_in_threadpool(c.runs.validator, config)
+
+    def count(i: int, image: dict[str, Any]) -> int:
+        if "data" in image:
+            try:
+                data = base64.b64decode(str(image["data"]), validate=True)
+            except (binascii.Error, ValueError):
+                raise BadRequest(f"images[{i}].data is not valid base64") from None
+            return validator.image_tokens(data, f"images[{i}]")
+        w, h = image.get("width"), image.get("height")
+        if not (isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0):
+            raise BadRequest(f"images[{i}]: give data (base64) or positive width and height")
+        try:
+            return int(validator.preprocessor.num_tokens(w, h))
+        except ValueError as e:
+            raise BadRequest(f"images[{i}]: {e}") from None
+
+    tokens = await run_in_threadpool(lambda: [count(i, im) for i, im in enumerate(body.images)])
+    return SafeJSON(
+        {"tokens": tokens, "min_pixels": validator.min_pixels, "max_pixels": validator.max_pixels}
+    )
