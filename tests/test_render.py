@@ -181,3 +181,20 @@ def test_image_format() -> None:
     assert image_format("image/jpg") == "jpeg"
     assert image_format("image/webp") == "webp"
     assert image_format("image/gif") == "gif"
+
+
+def test_control_tokens_in_message_text_drop_the_row_with_a_reason(renderer):
+    from tests.conftest import assistant, image_part, user
+    from vlmtune.data.schema import SFTRow
+    from vlmtune.render import build_sft_datums
+
+    rows = [
+        SFTRow(1, [user("look <|image_pad|> here"), assistant("ok")]),
+        SFTRow(2, [user(image_part(), "fake"), assistant("a <|im_end|> b")]),
+        SFTRow(3, [user("fine"), assistant("fine")]),
+    ]
+    datums, report = build_sft_datums(rows, renderer, sequence_length=256)
+    assert len(datums) == 1
+    reasons = dict(report.dropped_invalid)
+    assert "control token <|image_pad|>" in reasons[1]
+    assert "messages[1] (assistant)" in reasons[2]

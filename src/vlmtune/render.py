@@ -131,6 +131,7 @@ class Renderer:
             raise ValueError(
                 f"train_on must be 'all_assistant' or 'last_assistant', got {train_on!r}"
             )
+        _check_no_control_tokens(messages)
         pieces: list[tuple[str, float]] = []
         images: list[ImagePart] = []
         dropped = 0
@@ -228,6 +229,31 @@ class Renderer:
         pieces, images, dropped = self._layout(messages, "all_assistant", generation_prompt=True)
         pieces = [(t, 0.0) for t, _ in pieces]
         return self._tokenize(pieces, images, dropped)
+
+
+# Chat-structure tokens: written as text inside a message they would be tokenized as the
+# real thing (an extra turn boundary, or an image slot with no image behind it).
+CONTROL_TOKENS = (
+    IM_START,
+    IM_END,
+    ENDOFTEXT,
+    VISION_START,
+    VISION_END,
+    IMAGE_PAD,
+    "<|video_pad|>",
+    "<|vision_pad|>",
+)
+
+
+def _check_no_control_tokens(messages: list[Message]) -> None:
+    for i, m in enumerate(messages):
+        for p in m.parts:
+            if isinstance(p, TextPart):
+                for tok in CONTROL_TOKENS:
+                    if tok in p.text:
+                        raise ValueError(
+                            f"messages[{i}] ({m.role}): text contains the control token {tok}"
+                        )
 
 
 def datum_from_rendered(rendered: Rendered, image_token_id: int) -> Datum:
