@@ -42,6 +42,22 @@ class ComputeConfig(_Section):
     gpu_type: str = Field("auto", description="GPU model, e.g. H100; 'auto' detects")
     gpu_count: int = Field(1, ge=1, description="GPUs per node")
     nodes: int = Field(1, ge=1, description="number of nodes")
+    shape: str | None = Field(
+        None, description="training shape (see `vlmtune shapes`); sets the keys it owns"
+    )
+    training_shape_ref: str | None = Field(None, description="the SDK's name for compute.shape")
+    sharding: Literal["full_shard", "shard_grad_op"] = Field(
+        "full_shard",
+        description="FSDP: full_shard frees layers after forward; shard_grad_op keeps them",
+    )
+    reduce_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="FSDP gradient reduce-scatter dtype (GPU)"
+    )
+    cpu_offload: bool = Field(False, description="FSDP: shards and optimizer state in host memory")
+
+    @property
+    def shape_name(self) -> str | None:
+        return self.shape or self.training_shape_ref
 
 
 class TrainingConfig(_Section):
@@ -135,6 +151,9 @@ class RLConfig(_Section):
     normalize_advantages: bool = Field(False, description="divide advantages by the group std")
     temperature: float = Field(1.0, ge=0, description="sampling temperature")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
+    top_k: int = Field(
+        -1, ge=-1, description="sample among the k most likely tokens only (-1: all tokens)"
+    )
     max_tokens: int = Field(32, ge=1, description="tokens sampled per completion")
     stop: list[str] = Field(default_factory=list, description="extra stop strings")
     kl_coef: float = Field(0.0, ge=0, description="KL penalty against the reference model (0: off)")
@@ -208,6 +227,15 @@ def _contradictions(job: JobFile, method: str | None) -> list[str]:
         problems.append(
             f"model.min_pixels: {m.min_pixels} is larger than model.max_pixels = {m.max_pixels}"
         )
+    if job.compute.shape_name is not None:
+        from vlmtune.planning.shapes import get_shape
+
+        shape = get_shape(job.compute.shape_name)
+        if expected_mode not in shape.modes:
+            problems.append(
+                f"algorithm.variety: {variety!r} is not validated on training shape "
+                f"{shape.name!r} (it supports {', '.join(shape.modes)})"
+            )
     return problems
 
 
@@ -246,6 +274,11 @@ def load_job(
         for k in keys[:-1]:
             node = node.setdefault(k, {})
         node[keys[-1]] = value
+    from vlmtune.planning.shapes import apply_shape
+
+    shape_problems = apply_shape(raw)  # before validation: a shape may supply job.model
+    if shape_problems:
+        raise ConfigError(source, problems + shape_problems)
     try:
         job = JobFile.model_validate(raw)
     except ValidationError as e:
@@ -262,13 +295,23 @@ def load_job(
 
 
 def dump_toml(job: JobFile) -> str:
-    """The resolved job as TOML (written next to every run)."""
+    """The resolved job as TOML (written next to every run).
+
+    Keys a training shape owns are written as comments: the file stays loadable
+    (setting them as well as the shape is an error) and still shows their values.
+    """
+    owned: set[str] = set()
+    if job.compute.shape_name is not None:
+        from vlmtune.planning.shapes import get_shape
+
+        owned = set(get_shape(job.compute.shape_name).owned_keys())
     lines: list[str] = []
     for section, model in job.model_dump().items():
         lines.append(f"[{section}]")
         for key, value in model.items():
             if value is not None:
-                lines.append(f"{key} = {_toml_value(value)}")
+                prefix = "# (from the shape) " if f"{section}.{key}" in owned else ""
+                lines.append(f"{prefix}{key} = {_toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
 

@@ -6,6 +6,7 @@ import typer
 
 from vlmtune.cli import data as data_cli
 from vlmtune.cli import models as models_cli
+from vlmtune.cli import plan as plan_cli
 from vlmtune.cli import serve as serve_cli
 from vlmtune.cli import train as train_cli
 
@@ -19,6 +20,7 @@ app = typer.Typer(
 app.add_typer(data_cli.app, name="data")
 models_cli.register(app)
 train_cli.register(app)
+plan_cli.register(app)
 serve_cli.register(app)
 
 

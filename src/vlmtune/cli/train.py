@@ -16,10 +16,17 @@ def _err(message: str) -> None:
     typer.echo(message, err=True)
 
 
-def _check_compute(job: JobFile) -> list[str]:
-    """Problems the machine or the model family rules out, found before any work."""
+def _check_compute(job: JobFile, procs_per_node: int | None = None) -> list[str]:
+    """Problems the machine or the model family rules out, found before any work.
+
+    ``procs_per_node``: ``--nproc`` (default: ``[compute] gpu_count``, or torchrun's
+    LOCAL_WORLD_SIZE inside a launched process).
+    """
+    import os
+
     import torch
 
+    from vlmtune.cli.launch import already_launched
     from vlmtune.models.registry import get_model_spec
 
     problems = []
@@ -30,14 +37,31 @@ def _check_compute(job: JobFile) -> list[str]:
         spec = None
         if not Path(job.job.model).exists():
             problems.append(f"job.model: {e}")
-    if c.gpu_count > 1 or c.nodes > 1:
+    launched = already_launched()
+    per_node = procs_per_node or c.gpu_count
+    if launched and procs_per_node is None:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", per_node))
+    on_cpu = c.gpu_type == "cpu" or job.training.device == "cpu" or not torch.cuda.is_available()
+    if on_cpu and c.gpu_count > 1 and c.gpu_type != "cpu" and procs_per_node is None:
+        if not launched:
+            problems.append(
+                f"compute.gpu_count: {c.gpu_count} GPUs per node asked for, but this machine has "
+                "no CUDA GPU (or training.device is cpu); pass --nproc N to train on N CPU "
+                "processes, or set gpu_count = 1"
+            )
+    elif not on_cpu and per_node > torch.cuda.device_count():
         problems.append(
-            f"compute.gpu_count/nodes: {c.gpu_count} GPU(s) x {c.nodes} node(s) asked for, but this "
-            "version trains on one device; set gpu_count = 1 and nodes = 1"
+            f"compute.gpu_count: {per_node} processes per node need as many GPUs; this machine "
+            f"has {torch.cuda.device_count()}"
         )
-    if spec is not None and spec.min_gpus > c.gpu_count * c.nodes:
+    if per_node * c.nodes > 1 and job.algorithm.variety == "qlora":
         problems.append(
-            f"job.model: {spec.name} needs at least {spec.min_gpus} GPUs; compute asks for {c.gpu_count * c.nodes}"
+            "algorithm.variety: qlora trains on one GPU (4-bit weights are not sharded); use "
+            '"lora" on several GPUs'
+        )
+    if spec is not None and spec.min_gpus > per_node * c.nodes:
+        problems.append(
+            f"job.model: {spec.name} needs at least {spec.min_gpus} GPUs; compute asks for {per_node * c.nodes}"
         )
     if job.algorithm.variety == "qlora" and not torch.cuda.is_available():
         problems.append(
@@ -57,11 +81,31 @@ def train(
     resume: Annotated[
         bool, typer.Option("--resume", help="continue from the last checkpoint")
     ] = False,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            "--nproc", min=1, help="processes per node under torchrun (default: compute.gpu_count)"
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="print the torchrun command(s) and stop")
+    ] = False,
     overrides: Annotated[
         list[str] | None, typer.Argument(help="section.key=value overrides")
     ] = None,
+    server: Annotated[
+        str | None, typer.Option(help="submit the job to a `vlmtune serve` URL")
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="VLMTUNE_API_KEY", help="key for --server")
+    ] = None,
+    poll: Annotated[bool, typer.Option(help="with --server: stream events until it ends")] = False,
 ) -> None:
     """Train from a TOML job file (vision defaults are applied and printed)."""
+    if server is not None:
+        from vlmtune.cli.serve import submit_job
+
+        raise typer.Exit(submit_job(config, type_, server, api_key, overrides or [], poll))
     import torch
 
     from vlmtune.defaults import apply_vision_defaults
@@ -72,12 +116,22 @@ def train(
         raise typer.Exit(2)
     try:
         job = load_job(config, overrides or [], method=type_)
-        problems = _check_compute(job)
+        problems = _check_compute(job, nproc)
         if problems:
             raise ConfigError(str(config), problems)
     except ConfigError as e:
         _err(str(e))
         raise typer.Exit(2) from None
+    from vlmtune.cli import launch
+    from vlmtune.recipes.common import is_main_process
+
+    procs = nproc or job.compute.gpu_count
+    if not launch.already_launched() and (procs > 1 or job.compute.nodes > 1 or dry_run):
+        raise typer.Exit(
+            _launch(job, config, type_, output, resume, overrides or [], procs, dry_run)
+        )
+    # Under torchrun every rank runs what follows; rank 0 alone reports.
+    say = _err if is_main_process() else (lambda message: None)
 
     device_type = "cuda" if job.training.device != "cpu" and torch.cuda.is_available() else "cpu"
     try:
@@ -89,18 +143,53 @@ def train(
         job, supports_vision=supports_vision, device_type=device_type, bf16_ok=bf16_ok
     )
     for change in changes:
-        _err(f"vision default: {change}")
+        say(f"vision default: {change}")
 
     run_dir = output or Path(job.job.output_dir) / (job.job.name or config.stem)
-    _err(f"run directory: {run_dir}")
-    from vlmtune.recipes import sft
+    say(f"run directory: {run_dir}")
+    from functools import partial
 
-    recipes = {"sft": sft.run}
+    from vlmtune.recipes import dpo, rl, sft
+
+    recipes = {"sft": sft.run, "dpo": dpo.run, "rl": partial(rl.run, config_dir=config.parent)}
     if type_ not in recipes:
         _err(f"--type {type_}: this version ships the sft recipe only")
         raise typer.Exit(2)
-    summary = recipes[type_](job, run_dir, resume=resume, log=_err)
-    typer.echo(json.dumps(summary))
+    summary = recipes[type_](job, run_dir, resume=resume, log=say)
+    if is_main_process():
+        typer.echo(json.dumps(summary))
+
+
+def _launch(
+    job: JobFile,
+    config: Path,
+    type_: str,
+    output: Path | None,
+    resume: bool,
+    overrides: list[str],
+    procs: int,
+    dry_run: bool,
+) -> int:
+    """Start torchrun on this node (or, with --dry-run, only print the command(s))."""
+    import shlex
+
+    from vlmtune.cli import launch
+
+    child = launch.train_child_args(config, type_, output, resume, overrides)
+    plan = launch.make_plan(procs, job.compute.nodes, child, job.job.name or config.stem)
+    if plan.nodes > 1:
+        _err(f"{plan.nodes} nodes x {procs} processes; run this on each node:")
+        for rank in range(plan.nodes):
+            _err(f"  node {rank}: {plan.shell_line(rank)}")
+    elif procs > 1:
+        _err(f"launching {procs} processes: {shlex.join(plan.command())}")
+    else:
+        _err("one process: nothing to launch (vlmtune train runs in this process)")
+    if dry_run:
+        return 0
+    if plan.nodes > 1:
+        _err("starting node 0 here")
+    return launch.run(plan)
 
 
 def eval_cmd(
@@ -120,6 +209,12 @@ def eval_cmd(
     max_pixels: Annotated[
         int | None, typer.Option(help="override the processor's max pixels")
     ] = None,
+    server: Annotated[
+        str | None, typer.Option(help="evaluate a model served by `vlmtune serve`")
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="VLMTUNE_API_KEY", help="key for --server")
+    ] = None,
 ) -> None:
     """Greedy exact-match accuracy (whitespace and case normalised)."""
     from vlmtune.data import load_dataset
@@ -133,10 +228,17 @@ def eval_cmd(
     if report.dropped:
         _err(f"{data}: {len(report.dropped)} row(s) dropped (see `vlmtune data validate {data}`)")
     rows = rows[:max_examples] if max_examples else rows
-    sampler = ServiceClient().create_sampling_client(
-        model, min_pixels=min_pixels, max_pixels=max_pixels, max_images_per_message=None
-    )
-    result = evaluate_exact_match(sampler, rows, max_new_tokens=max_new_tokens)
+    if server is not None:
+        from vlmtune.evaluation import evaluate_exact_match_remote
+
+        result = evaluate_exact_match_remote(
+            server, api_key, model, rows, max_new_tokens=max_new_tokens
+        )
+    else:
+        sampler = ServiceClient().create_sampling_client(
+            model, min_pixels=min_pixels, max_pixels=max_pixels, max_images_per_message=None
+        )
+        result = evaluate_exact_match(sampler, rows, max_new_tokens=max_new_tokens)
     if predictions is not None:
         predictions.write_text("".join(json.dumps(p) + "\n" for p in result.predictions))
     if as_json:

@@ -7,22 +7,17 @@ model directly.
 
 from __future__ import annotations
 
-import json
-import os
-import random
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
+from vlmtune.engine import distributed as dist_utils
 from vlmtune.engine import losses
 from vlmtune.engine.batching import Batch, collate, pack_rows, packing_efficiency
+from vlmtune.engine.checkpoint import load_training_state, save_training_state
 from vlmtune.engine.logprobs import selected_token_logprobs
 from vlmtune.engine.sampling import generate
 from vlmtune.models.loading import LoadedModel, load_model, save_model_dir
@@ -67,6 +62,10 @@ class EngineConfig:
     max_row_tokens: int = 4096  # a packed row's capacity
     gradient_checkpointing: bool = False
     seed: int = 0
+    # Under torchrun (ignored in one process): FSDP2 over all ranks.
+    fsdp_reshard_after_forward: bool = True  # False keeps layers gathered until backward
+    fsdp_reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # gradient reduce-scatter dtype
+    fsdp_cpu_offload: bool = False  # sharded params, grads and Adam state in host memory
 
 
 def resolve_device(device: str) -> torch.device:
@@ -95,9 +94,23 @@ def _unwrap_hf(model: torch.nn.Module) -> torch.nn.Module:
 class TrainingEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
+        device = resolve_device(config.device)
+        self.dist = dist_utils.init_distributed(device)
+        if self.dist.enabled and device.type == "cuda":
+            device = torch.device("cuda", self.dist.local_rank)  # one GPU per process
+        self.device = device
         self.dtype = resolve_dtype(config.precision, self.device)
         torch.manual_seed(config.seed)
+        load_dtype, load_device = self.dtype, self.device
+        if self.dist.enabled:
+            if config.mode == "qlora":
+                raise ValueError("qlora cannot be sharded with FSDP; use one GPU, or mode 'lora'")
+            # Sharded full fine-tuning keeps fp32 master weights (FSDP computes in
+            # self.dtype); the model is loaded on the CPU and fully_shard moves it to the
+            # GPU one layer at a time, so no GPU ever holds the whole model.
+            load_device = torch.device("cpu")
+            if config.mode == "full":
+                load_dtype = torch.float32
         self.loaded = loaded or load_model(
             config.base_model,
             mode=config.mode,
@@ -107,8 +120,8 @@ class TrainingEngine:
             target_modules=config.target_modules,
             freeze_vision_tower=config.freeze_vision_tower,
             freeze_projector=config.freeze_projector,
-            dtype=self.dtype,
-            device=str(self.device),
+            dtype=load_dtype,
+            device=str(load_device),
             gradient_checkpointing=config.gradient_checkpointing,
             min_pixels=config.min_pixels,
             max_pixels=config.max_pixels,
@@ -129,12 +142,73 @@ class TrainingEngine:
         if config.freeze_embeddings:
             self.hf_model.get_input_embeddings().weight.requires_grad_(False)
             self.hf_model.lm_head.weight.requires_grad_(False)
+        self._root: dist_utils.ShardedRoot | None = None
+        # Second names of shared (tied) parameters, e.g. lm_head.weight: a gathered
+        # state dict holds them as separate copies, which save_pretrained would keep.
+        self._tied_names = _duplicate_param_names(self.model)
+        if self.dist.enabled:
+            self._root = self._shard()
+        # After sharding: fully_shard replaces every parameter with a DTensor shard.
         self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
         self.vision_trainable = any(p.requires_grad for p in self.backbone.visual.parameters())
         self.optimizer: torch.optim.AdamW | None = None
         self.step = 0
         self.last_packing_efficiency = 1.0
         self._reference: TrainingEngine | None = None
+
+    # ---- distributed ----------------------------------------------------------------
+    def _shard(self) -> dist_utils.ShardedRoot:
+        c = self.config
+        on_gpu = self.device.type == "cuda"
+        settings = dist_utils.ShardingSettings(
+            # CPU (gloo): fp32 throughout; GPU: gather in the compute dtype.
+            param_dtype=self.dtype if on_gpu and self.dtype != torch.float32 else None,
+            reduce_dtype=(torch.bfloat16 if c.fsdp_reduce_dtype == "bf16" else torch.float32)
+            if on_gpu
+            else None,
+            reshard_after_forward=c.fsdp_reshard_after_forward,
+            cpu_offload=c.fsdp_cpu_offload,
+        )
+        root = dist_utils.shard_model(self.model, self.hf_model, self.device, settings)
+        # transformers' generate() then keeps every rank stepping until all are done.
+        self.hf_model._is_fsdp_managed_module = True
+        return root
+
+    def _in_root(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn`` inside the FSDP root's forward (a plain call in one process)."""
+        if self._root is None:
+            return fn(*args, **kwargs)
+        return self._root(fn, *args, **kwargs)
+
+    def _plan(self, datums: Sequence[Datum]) -> list[tuple[list[int], Batch, bool]]:
+        """(datum indices, batch, is_padding) per micro-batch of this rank.
+
+        One process: every micro-batch. Under torchrun: this rank's share, plus
+        zero-weight copies of the global batch's shortest datum so that every rank
+        runs as many forward/backward passes as the busiest one.
+        """
+        if not self.dist.enabled:
+            return [(idx, batch, False) for idx, batch in self._micro_batches(datums)]
+        lengths = [d.model_input.length for d in datums]
+        groups, n_pad = dist_utils.plan_rank_groups(
+            lengths,
+            self.dist.world_size,
+            self.dist.rank,
+            packing=self.config.packing,
+            micro_batch_size=self.config.micro_batch_size,
+            max_row_tokens=self.config.max_row_tokens,
+        )
+        if self.config.packing and groups:
+            self.last_packing_efficiency = packing_efficiency(
+                [lengths[i] for g in groups for i in g], groups, self.config.max_row_tokens
+            )
+        rows_arg = (lambda n: [list(range(n))]) if self.config.packing else (lambda n: None)
+        out = [(g, self.collate([datums[i] for i in g], rows_arg(len(g))), False) for g in groups]
+        if n_pad:
+            shortest = min(range(len(datums)), key=lambda i: (lengths[i], i))
+            pad = self.collate([dist_utils.zero_weight_copy(datums[shortest])], rows_arg(1))
+            out += [([], pad, True)] * n_pad
+        return out
 
     # ---- batching -----------------------------------------------------------------
     def _preprocess(self, data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,16 +271,37 @@ class TrainingEngine:
                         pixel_values, batch.image_grid_thw, return_dict=True
                     )
                 kwargs["mm_encoder_outputs"] = {"image": encoded}
+        elif self._root is not None:
+            # Enter the (blank-image) vision output where real image features enter, in
+            # the input embeddings: then every rank runs the vision blocks before the
+            # language layers, and their backward after it, in the same order.
+            input_ids = kwargs.pop("input_ids")
+            embeds = self.backbone.get_input_embeddings()(input_ids)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.vision_trainable):
+                blank = dist_utils.blank_image_term(self.backbone, self.spatial_merge, self.dtype)
+            kwargs["inputs_embeds"] = embeds + blank.to(embeds.dtype)
         return self.backbone(**kwargs).last_hidden_state  # (B, T, H)
 
     def token_logprobs(self, batch: Batch, needed_B_T: torch.Tensor) -> torch.Tensor:
         """``log p(target_t)`` at the ``needed`` positions, zeros elsewhere; (B, T) fp32."""
+        return self._in_root(self._token_logprobs, batch, needed_B_T)
+
+    def _token_logprobs(self, batch: Batch, needed_B_T: torch.Tensor) -> torch.Tensor:
         hidden_B_T_H = self._hidden_states(batch)
         needed_B_T = needed_B_T & batch.attention_mask_B_T.bool()
+        anchor = None
+        if self._root is not None and torch.is_grad_enabled() and not bool(needed_B_T.any()):
+            # A zero-weight micro-batch still has to reach the LM head in backward, or
+            # this rank's reduce-scatter would cover fewer parameters than the others'.
+            anchor = torch.zeros_like(needed_B_T)
+            anchor[0, 0] = True
+        selected = needed_B_T if anchor is None else anchor
         lp_N = selected_token_logprobs(
-            hidden_B_T_H[needed_B_T], self.hf_model.lm_head, batch.targets_B_T[needed_B_T]
+            hidden_B_T_H[selected], self.hf_model.lm_head, batch.targets_B_T[selected]
         )
         logprobs_B_T = torch.zeros(needed_B_T.shape, dtype=torch.float32, device=lp_N.device)
+        if anchor is not None:
+            return logprobs_B_T + lp_N.sum() * 0.0
         return logprobs_B_T.masked_scatter(needed_B_T, lp_N)
 
     @staticmethod
@@ -256,17 +351,27 @@ class TrainingEngine:
         self.model.train(backward)
         per_datum: list[torch.Tensor | None] = [None] * len(datums)
         metrics: dict[str, float] = {}
+        local: list[int] = []
         with torch.set_grad_enabled(backward):
-            for idx, batch in self._micro_batches(datums):
+            for idx, batch, padding in self._plan(datums):
                 logprobs_B_T = self.token_logprobs(batch, self._needed_positions(batch, loss_fn))
                 loss, mb_metrics = self._builtin_loss(batch, logprobs_B_T, loss_fn, config or {})
                 if backward:
                     loss.backward()
+                if padding:
+                    continue
                 for i, lp in zip(idx, self._per_datum(batch, logprobs_B_T.detach()), strict=True):
                     per_datum[i] = lp
+                local.extend(idx)
                 _merge_metrics(metrics, mb_metrics)
-        if self.config.packing:
+        if self.config.packing and local:
             metrics["packing_efficiency"] = self.last_packing_efficiency
+        if self._root is not None:
+            if not backward:
+                dist_utils.reshard_all(self._root)
+            per_datum, metrics = dist_utils.gather_outputs(
+                per_datum, metrics, local, _merge_metrics
+            )
         return ForwardBackwardOutput(loss_fn_outputs=self._as_outputs(per_datum), metrics=metrics)
 
     # ---- primitives -------------------------------------------------------------------
@@ -298,12 +403,26 @@ class TrainingEngine:
         """
         self.model.train(True)
         per_datum: list[torch.Tensor | None] = [None] * len(datums)
-        for idx, batch in self._micro_batches(datums):
+        local: list[int] = []
+        padding_terms: list[torch.Tensor] = []
+        for idx, batch, padding in self._plan(datums):
             logprobs_B_T = self.token_logprobs(batch, batch.attention_mask_B_T.bool())
+            if padding:
+                padding_terms.append(logprobs_B_T.sum() * 0.0)
+                continue
             for i, lp in zip(idx, self._per_datum(batch, logprobs_B_T), strict=True):
                 per_datum[i] = lp
+            local.extend(idx)
+        if self._root is not None:
+            # The loss may couple data across ranks (DPO pairs), so every rank evaluates
+            # it on all logprobs: its own attached to the graph, the others' as
+            # constants. Summing the ranks' gradients then gives the exact gradient.
+            attached = {i: per_datum[i] for i in local}
+            per_datum, _ = dist_utils.gather_outputs(per_datum, {}, local, _merge_metrics)
+            per_datum = [attached.get(i, lp) for i, lp in enumerate(per_datum)]
+            per_datum = [lp.to(self.device) if lp is not None else None for lp in per_datum]
         loss, metrics = loss_fn(list(datums), per_datum)
-        loss.backward()
+        (loss + sum(padding_terms)).backward()
         metrics = {**metrics, "loss:sum": float(loss.detach())}
         return ForwardBackwardOutput(loss_fn_outputs=self._as_outputs(per_datum), metrics=metrics)
 
@@ -343,61 +462,78 @@ class TrainingEngine:
                 weight_decay=params.weight_decay,
             )
         max_norm = params.grad_clip_norm if params.grad_clip_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_params, max_norm)
+        grads = [p.grad for p in self.trainable_params if p.grad is not None]
+        # Under FSDP the norm is a DTensor over all ranks' shards: make it a full tensor
+        # before clipping, so every rank scales by the same global norm.
+        grad_norm = dist_utils.total_norm_value(torch.nn.utils.get_total_norm(grads))
+        torch.nn.utils.clip_grads_with_norm_(
+            self.trainable_params, max_norm, torch.tensor(grad_norm, device=self.device)
+        )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return OptimStepResponse(
-            metrics={"grad_norm": float(grad_norm), "learning_rate": params.learning_rate}
+            metrics={"grad_norm": grad_norm, "learning_rate": params.learning_rate}
         )
 
     def sample(
         self, prompts: Sequence[ModelInput], num_samples: int, params: SamplingParams
     ) -> list[SampleResponse]:
-        """Sample ``num_samples`` completions for each prompt with the live weights."""
-        return generate(self, prompts, num_samples, params)
+        """Sample ``num_samples`` completions for each prompt with the live weights.
+
+        Under torchrun every rank generates the same prompts in lockstep (the sharded
+        layers gather on every step) and all return rank 0's samples, so recipes that
+        branch on samples (RL) build the same batch on every rank.
+        """
+        if self._root is None:
+            return generate(self, prompts, num_samples, params)
+        out = self._root(generate, self, prompts, num_samples, params)
+        dist_utils.reshard_all(self._root)
+        return dist_utils.broadcast_from_main(out)
 
     # ---- state ------------------------------------------------------------------------
     def save_state(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-        """Resumable state (trainable weights, optimizer, RNG, step), written atomically."""
-        path = Path(path)
-        with _atomic_dir(path) as tmp:
-            trainable = {
-                n: p.detach().cpu().contiguous()
-                for n, p in self.model.named_parameters()
-                if p.requires_grad
-            }
-            save_file(trainable, str(tmp / "trainable.safetensors"))
-            if self.optimizer is not None:
-                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(_rng_state(), tmp / "rng.pt")
-            meta = {"step": self.step, "engine": asdict(self.config), "extra": extra or {}}
-            (tmp / "state.json").write_text(json.dumps(meta, indent=2))
-        return path
+        """Resumable state (trainable weights, optimizer, RNG, step), written atomically;
+        sharded per rank under torchrun, loadable on any number of processes."""
+        meta = {"step": self.step, "engine": asdict(self.config), "extra": extra or {}}
+        return save_training_state(Path(path), self.model, self.optimizer, self.dist, meta)
 
     def load_state(self, path: str | Path) -> dict[str, Any]:
         """Restore what ``save_state`` wrote; returns its ``extra`` dict."""
-        path = Path(path)
-        tensors = load_file(str(path / "trainable.safetensors"))
-        params = dict(self.model.named_parameters())
-        missing = [n for n in tensors if n not in params]
-        if missing:
-            raise ValueError(f"{path}: checkpoint has parameters this model lacks: {missing[:5]}")
-        with torch.no_grad():
-            for n, t in tensors.items():
-                params[n].copy_(t.to(params[n].device, params[n].dtype))
-        if (path / "optimizer.pt").exists():
-            if self.optimizer is None:
-                self.optimizer = torch.optim.AdamW(self.trainable_params, lr=0.0, foreach=True)
-            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-        _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-        meta = json.loads((path / "state.json").read_text())
+        if self.optimizer is None and self.trainable_params:
+            self.optimizer = torch.optim.AdamW(self.trainable_params, lr=0.0, foreach=True)
+        meta = load_training_state(Path(path), self.model, self.optimizer, self.dist)
         self.step = int(meta["step"])
         return meta.get("extra", {})
 
     def save_weights_for_sampler(self, path: str | Path) -> Path:
-        """A servable HF directory (full model, or LoRA adapter) with processor files."""
-        return save_model_dir(self.loaded, self.processor, Path(path))
+        """A servable HF directory (full model, or LoRA adapter) with processor files.
+
+        Under torchrun the full (unsharded) weights are gathered on rank 0, which alone
+        writes the directory, through the same ``save_model_dir`` as one process.
+        """
+        if self._root is None:
+            return save_model_dir(self.loaded, self.processor, Path(path))
+        # An adapter needs only the trainable (LoRA) weights, not the gathered base.
+        full = dist_utils.full_state_dict_on_main(
+            self.model, trainable_only=self.loaded.mode != "full"
+        )
+        if self.dist.is_main:
+            for name in self._tied_names:
+                full.pop(name, None)
+            save_model_dir(self.loaded, self.processor, Path(path), state_dict=full)
+        dist_utils.barrier()
+        return Path(path)
+
+
+def _duplicate_param_names(model: torch.nn.Module) -> list[str]:
+    seen: set[int] = set()
+    duplicates = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            duplicates.append(name)
+        seen.add(id(p))
+    return duplicates
 
 
 def _merge_metrics(into: dict[str, float], new: dict[str, float]) -> None:
@@ -411,47 +547,3 @@ def _merge_metrics(into: dict[str, float], new: dict[str, float]) -> None:
             into[k] = max(into[k], v)
         else:  # means of micro-batch means: good enough for reporting
             into[k] = (into[k] + v) / 2
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class _atomic_dir:
-    """Write into a temp dir beside ``path``; rename into place only on success."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        if self.path.exists():
-            old = self.path.with_name(f".{self.path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.path, old)
-            os.replace(self.tmp, self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.path)

@@ -5,9 +5,22 @@ training losses only need ``log p(target)`` at the positions they weight, so we 
 those hidden states first and run the LM head over them in chunks, each chunk under
 activation checkpointing: the peak extra memory is one ``(chunk, V)`` block, in the
 forward and the backward pass alike.
+
+On CUDA a fused linear-cross-entropy kernel does the same without any Python-level
+chunking, when one is installed (neither is a dependency): Liger Kernel's
+``liger_fused_linear_cross_entropy(..., reduction="none")`` or Apple's Cut Cross-Entropy
+``linear_cross_entropy(..., reduction="none", filter_eps=None)``. Both return the
+per-token loss ``-log p(target)``, which is exactly what the engine needs (per-token
+logprobs, not just a summed loss). ``VLMTUNE_FUSED_CE`` = ``auto`` (default) | ``liger``
+| ``cce`` | ``off`` picks one; CPU tensors always take the chunked path below.
 """
 
 from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,22 +46,135 @@ def _chunk_logprobs(
     return target_logits_N - torch.logsumexp(logits_N_V, dim=-1)
 
 
+FusedBackend = Literal["liger", "cce"]
+FUSED_CE_ENV = "VLMTUNE_FUSED_CE"
+# Liger computes per-token gradients correctly for reduction="none" only from 0.8.2 on
+# (earlier versions scale grad_weight by one scalar after summing over tokens).
+LIGER_MIN_VERSION_FOR_GRAD = (0, 8, 2)
+
+
+@functools.cache
+def _load_liger() -> tuple[Callable[..., torch.Tensor], bool] | None:
+    """(per-token loss function, gradients correct) or None when Liger is absent."""
+    try:
+        from importlib.metadata import version
+
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except Exception:  # ImportError, or a Triton/driver problem at import time
+        return None
+    try:
+        parts = tuple(int(p) for p in version("liger-kernel").split(".")[:3])
+    except ValueError:  # a dev/local version string: trust the installed API
+        parts = LIGER_MIN_VERSION_FOR_GRAD
+
+    def per_token_loss(h, w, b, t):
+        return liger_fused_linear_cross_entropy(h, w, t, bias=b, reduction="none")
+
+    return per_token_loss, parts >= LIGER_MIN_VERSION_FOR_GRAD
+
+
+@functools.cache
+def _load_cce() -> Callable[..., torch.Tensor] | None:
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except Exception:
+        return None
+
+    def per_token_loss(h, w, b, t):
+        # filter_eps=None: exact gradients (its default skips small softmax entries).
+        return linear_cross_entropy(h, w, t, reduction="none", filter_eps=None)
+
+    return per_token_loss
+
+
+def _is_plain_tensor(t: torch.Tensor) -> bool:
+    # FSDP2 shards parameters as DTensors, which the Triton kernels cannot take.
+    return type(t).__name__ not in ("DTensor",)
+
+
+def fused_backend(
+    hidden_N_H: torch.Tensor,
+    weight_V_H: torch.Tensor,
+    bias_V: torch.Tensor | None,
+    needs_grad: bool,
+    preference: str | None = None,
+) -> FusedBackend | None:
+    """The fused kernel to use for these tensors, or None for the chunked torch path."""
+    preference = (preference or os.environ.get(FUSED_CE_ENV, "auto")).lower()
+    if preference not in ("auto", "liger", "cce", "off"):
+        raise ValueError(f"{FUSED_CE_ENV}={preference!r}: expected auto, liger, cce or off")
+    if (
+        preference == "off"
+        or hidden_N_H.device.type != "cuda"
+        or hidden_N_H.dtype != weight_V_H.dtype
+        or not (_is_plain_tensor(weight_V_H) and _is_plain_tensor(hidden_N_H))
+    ):
+        return None
+    if preference in ("auto", "liger"):
+        liger = _load_liger()
+        if liger is not None and (liger[1] or not needs_grad):
+            return "liger"
+        if preference == "liger":
+            raise RuntimeError(
+                f"{FUSED_CE_ENV}=liger but liger-kernel is "
+                + (
+                    "not importable"
+                    if liger is None
+                    else "older than 0.8.2 (wrong per-token grads)"
+                )
+            )
+    if preference in ("auto", "cce"):
+        if bias_V is None and _load_cce() is not None:
+            return "cce"
+        if preference == "cce":
+            raise RuntimeError(
+                f"{FUSED_CE_ENV}=cce but cut-cross-entropy is not importable (or the LM head has a bias)"
+            )
+    return None
+
+
+def fused_token_logprobs(
+    backend: FusedBackend,
+    hidden_N_H: torch.Tensor,
+    weight_V_H: torch.Tensor,
+    bias_V: torch.Tensor | None,
+    targets_N: torch.Tensor,
+) -> torch.Tensor:
+    """``log p(target)`` per position from a fused kernel's per-token loss, fp32."""
+    if backend == "liger":
+        loaded = _load_liger()
+        assert loaded is not None
+        per_token_loss = loaded[0]
+    else:
+        cce = _load_cce()
+        assert cce is not None
+        per_token_loss = cce
+    loss_N = per_token_loss(hidden_N_H.contiguous(), weight_V_H, bias_V, targets_N.contiguous())
+    return -loss_N.float()
+
+
 def selected_token_logprobs(
     hidden_N_H: torch.Tensor,
     lm_head: torch.nn.Module,
     targets_N: torch.Tensor,
     chunk_tokens: int | None = None,
+    fused: str | None = None,
 ) -> torch.Tensor:
     """``log softmax(lm_head(h))[target]`` for N selected positions, chunk by chunk.
 
     ``lm_head`` must be a plain ``nn.Linear`` (its weight may be tied to the
-    embeddings); adapters on the LM head are not supported here.
+    embeddings); adapters on the LM head are not supported here. ``fused`` overrides
+    ``$VLMTUNE_FUSED_CE`` (``auto``/``liger``/``cce``/``off``); CUDA only.
     """
     weight_V_H = lm_head.weight
     bias_V = getattr(lm_head, "bias", None)
+    needs_grad = torch.is_grad_enabled() and (hidden_N_H.requires_grad or weight_V_H.requires_grad)
+    if hidden_N_H.shape[0] > 0:
+        backend = fused_backend(hidden_N_H, weight_V_H, bias_V, needs_grad, fused)
+        if backend is not None:
+            return fused_token_logprobs(backend, hidden_N_H, weight_V_H, bias_V, targets_N)
     if chunk_tokens is None:
         chunk_tokens = max(1, CHUNK_LOGITS_BUDGET // weight_V_H.shape[0])
-    needs_grad = torch.is_grad_enabled() and (hidden_N_H.requires_grad or weight_V_H.requires_grad)
     pieces = []
     for start in range(0, hidden_N_H.shape[0], chunk_tokens):
         h = hidden_N_H[start : start + chunk_tokens]

@@ -325,7 +325,10 @@ def is_peft_model(model: nn.Module) -> bool:
 
 
 def save_model_dir(
-    loaded_or_model: LoadedModel | nn.Module, processor: Any, out_dir: str | Path
+    loaded_or_model: LoadedModel | nn.Module,
+    processor: Any,
+    out_dir: str | Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a servable directory atomically: full weights or LoRA adapter, plus processor.
 
@@ -334,6 +337,9 @@ def save_model_dir(
     named by ``adapter_config.json``'s ``base_model_name_or_path`` (a registry name such
     as ``tiny-qwen3-vl`` resolves with ``resolve_model_path``); ``merge_adapter_to_dir``
     folds it into a full directory. Both carry the processor files.
+
+    ``state_dict`` replaces the model's own tensors (a sharded model's weights,
+    gathered on one rank); an adapter's may hold just the trainable weights.
     """
     model = _unwrap(loaded_or_model)
     with atomic_dir(out_dir) as tmp:
@@ -343,9 +349,14 @@ def save_model_dir(
                     cfg.base_model_name_or_path = loaded_or_model.base_name
             # save_embedding_layers="auto" would look the base model up on the Hub (a
             # network call); adapters never target the embeddings, so there is nothing to check.
-            model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
+            model.save_pretrained(
+                str(tmp),
+                safe_serialization=True,
+                save_embedding_layers=False,
+                **({"state_dict": state_dict} if state_dict is not None else {}),
+            )
         else:
-            model.save_pretrained(str(tmp), safe_serialization=True)
+            model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
         processor.save_pretrained(str(tmp))
     return Path(out_dir)
 

@@ -25,8 +25,10 @@ from vlmtune.recipes.common import (
     MetricsLog,
     ProgressBar,
     batch_indices,
+    is_main_process,
     latest_checkpoint,
     learning_rate_at,
+    main_process_log,
     steps_per_epoch,
 )
 from vlmtune.render import build_sft_datums
@@ -64,6 +66,10 @@ def create_training_client(job: JobFile, run_dir: Path) -> TrainingClient:
         max_row_tokens=job.hyperparameters.sequence_length,
         gradient_checkpointing=job.training.gradient_checkpointing,
         seed=job.hyperparameters.seed,
+        # Used only under torchrun (`vlmtune train --nproc N` or [compute] gpu_count > 1).
+        fsdp_reshard_after_forward=job.compute.sharding == "full_shard",
+        fsdp_reduce_dtype=job.compute.reduce_dtype,
+        fsdp_cpu_offload=job.compute.cpu_offload,
     )
 
 
@@ -76,8 +82,13 @@ def validation_loss(tc: TrainingClient, datums: list[Datum]) -> float:
 
 def run(job: JobFile, run_dir: Path, *, resume: bool = False, log: Any = print) -> dict[str, Any]:
     hp = job.hyperparameters
+    # Under torchrun every rank runs this loop on the same global batches (the engine
+    # splits each batch over the ranks); only rank 0 logs and writes files.
+    main = is_main_process()
+    log = main_process_log(log)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(dump_toml(job))
+    if main:
+        (run_dir / "config.toml").write_text(dump_toml(job))
 
     # -- data: the same loader `vlmtune data validate` uses --------------------------
     cap = job.model.max_images_per_message
@@ -104,7 +115,8 @@ def run(job: JobFile, run_dir: Path, *, resume: bool = False, log: Any = print) 
     report = {"train": {**train_report.to_dict(), "render": render_report.to_dict()}}
     if val_report is not None:
         report["validation"] = val_report.to_dict()
-    (run_dir / "validation_report.json").write_text(json.dumps(report, indent=2))
+    if main:
+        (run_dir / "validation_report.json").write_text(json.dumps(report, indent=2))
     log(render_report.summary())
     if not datums:
         raise RuntimeError(
@@ -206,6 +218,7 @@ def run(job: JobFile, run_dir: Path, *, resume: bool = False, log: Any = print) 
     }
     if val_datums:
         summary.update(evaluate(total_steps))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log(f"saved {final_dir}")
     return summary

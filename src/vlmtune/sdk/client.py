@@ -214,9 +214,26 @@ class ServiceClient:
         self.engine_defaults = engine_defaults
 
     def create_training_client(
-        self, base_model: str, lora_rank: int = 0, **engine_kwargs: Any
+        self,
+        base_model: str | None = None,
+        lora_rank: int = 0,
+        *,
+        training_shape_ref: str | None = None,
+        **engine_kwargs: Any,
     ) -> TrainingClient:
-        """``lora_rank=0`` fine-tunes every language-model weight; >0 trains a LoRA."""
+        """``lora_rank=0`` fine-tunes every language-model weight; >0 trains a LoRA.
+
+        ``training_shape_ref`` names a training shape (``vlmtune shapes``): it sets the
+        model (when ``base_model`` is None), context, precision, checkpointing and
+        sharding; passing one of those settings as well is an error. Under torchrun
+        the engine shards itself over the ranks.
+        """
+        if training_shape_ref is not None:
+            base_model, engine_kwargs = _apply_training_shape(
+                training_shape_ref, base_model, {**self.engine_defaults, **engine_kwargs}
+            )
+        if base_model is None:
+            raise TypeError("create_training_client() needs base_model or training_shape_ref")
         kwargs = {**self.engine_defaults, **engine_kwargs}
         mode = kwargs.pop("mode", "full" if lora_rank == 0 else "lora")
         checkpoint_dir = kwargs.pop("checkpoint_dir", None)
@@ -235,3 +252,35 @@ class ServiceClient:
         kwargs.setdefault("mode", "full")
         engine = TrainingEngine(EngineConfig(base_model=base_model, **kwargs))
         return SamplingClient(engine, OrderedExecutor("vlmtune-sample"))
+
+
+def _apply_training_shape(
+    name: str, base_model: str | None, kwargs: dict[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    """The shape's model and engine settings merged into ``kwargs`` (clashes raise)."""
+    from vlmtune.engine.distributed import env_info
+    from vlmtune.models.registry import get_model_spec
+    from vlmtune.planning.shapes import get_shape
+
+    shape = get_shape(name)
+    settings = shape.engine_settings()
+    if shape.gpu_type == "cpu":
+        settings["device"] = "cpu"
+    clashes = sorted(k for k in settings if k in kwargs)
+    if (
+        base_model is not None
+        and get_model_spec(base_model).name != get_model_spec(shape.model).name
+    ):
+        clashes.insert(0, "base_model")
+    if clashes:
+        raise ValueError(
+            f"training shape {shape.name!r} sets {', '.join(clashes)}; do not pass them as well"
+        )
+    world = env_info().world_size
+    if world != shape.world_size:
+        raise ValueError(
+            f"training shape {shape.name!r} runs on {shape.world_size} processes "
+            f"({shape.nodes} node(s) x {shape.gpu_count}); this run has {world}: start it with "
+            f"torchrun --nnodes {shape.nodes} --nproc-per-node {shape.gpu_count}"
+        )
+    return shape.model, {**kwargs, **settings}

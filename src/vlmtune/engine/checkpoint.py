@@ -1,0 +1,200 @@
+"""Resumable training state: trainable weights, optimizer, RNG, step; written atomically.
+
+Weights and optimizer state are a ``torch.distributed.checkpoint`` (DCP) directory:
+under torchrun each rank writes its own shard, and DCP reshards on load, so a run
+saved on N processes resumes on M (one plain process included). Frozen base
+weights are left out; they come back from the base model.
+
+    step-N/dcp/            DCP shards + .metadata
+    step-N/rng-<rank>.pt   each rank's RNG state
+    step-N/state.json      step, engine config, the recipe's extra dict
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vlmtune.engine import distributed as dist_utils
+
+DCP_DIR = "dcp"
+
+
+def save_training_state(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    info: dist_utils.DistInfo,
+    meta: dict[str, Any],
+) -> Path:
+    """Write the state into ``path`` (collective under torchrun)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(ignore_frozen_params=True)
+    with _atomic_dir(path, info) as tmp:
+        state: dict[str, Any] = {"model": get_model_state_dict(model, options=options)}
+        if optimizer is not None:
+            state["optim"] = get_optimizer_state_dict(model, optimizer, options=options)
+        with _single_process_is_intended():
+            dcp.save(state, checkpoint_id=str(tmp / DCP_DIR))
+        torch.save(_rng_state(), tmp / f"rng-{info.rank}.pt")
+        if info.is_main:
+            meta = {**meta, "world_size": info.world_size}
+            (tmp / "state.json").write_text(json.dumps(meta, indent=2))
+    return path
+
+
+def load_training_state(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, info: dist_utils.DistInfo
+) -> dict[str, Any]:
+    """Load what ``save_training_state`` wrote, at this run's world size; returns the meta."""
+    meta = json.loads((path / "state.json").read_text())
+    if not (path / DCP_DIR).is_dir():
+        if info.enabled:
+            raise ValueError(
+                f"{path}: a checkpoint from an older single-process vlmtune; resume it in one process"
+            )
+        _load_legacy(path, model, optimizer)
+        return meta
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(ignore_frozen_params=True)
+    state: dict[str, Any] = {"model": get_model_state_dict(model, options=options)}
+    if optimizer is not None and _has_optimizer_state(path / DCP_DIR):
+        # A template holding this run's shards; DCP fills it in place.
+        state["optim"] = get_optimizer_state_dict(model, optimizer, options=options)
+    # DCP raises on any template key missing from the checkpoint; strict=False below
+    # only lets the frozen weights (not in the checkpoint) keep their base values.
+    with _single_process_is_intended():
+        dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+    set_model_state_dict(
+        model, state["model"], options=StateDictOptions(ignore_frozen_params=True, strict=False)
+    )
+    if "optim" in state:
+        set_optimizer_state_dict(model, optimizer, state["optim"], options=options)
+    # On more ranks than were saved, the new ones take rank 0's RNG state.
+    rng = path / f"rng-{info.rank}.pt"
+    _set_rng_state(torch.load(rng if rng.exists() else path / "rng-0.pt", weights_only=False))
+    return meta
+
+
+@contextmanager
+def _single_process_is_intended() -> Iterator[None]:
+    """DCP warns on every save/load without a process group; one process is a normal run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
+        yield
+
+
+def _has_optimizer_state(dcp_dir: Path) -> bool:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(dcp_dir)).read_metadata().state_dict_metadata
+    return any(key.startswith("optim.") for key in keys)
+
+
+def _load_legacy(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """The format before DCP: trainable.safetensors + optimizer.pt + rng.pt."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n in tensors if n not in params]
+    if missing:
+        raise ValueError(f"{path}: checkpoint has parameters this model lacks: {missing[:5]}")
+    with torch.no_grad():
+        for n, t in tensors.items():
+            params[n].copy_(t.to(params[n].device, params[n].dtype))
+    if optimizer is not None and (path / "optimizer.pt").exists():
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _atomic_dir:
+    """Write into a temp dir beside ``path``; rename into place only on success.
+
+    Under torchrun rank 0 makes the temp dir and tells the others its name; all
+    ranks write their shards into it (a filesystem every rank sees), and rank 0
+    renames it once every rank is done.
+    """
+
+    def __init__(self, path: Path, info: dist_utils.DistInfo) -> None:
+        self.path = path
+        self.info = info
+
+    def __enter__(self) -> Path:
+        tmp = None
+        if self.info.is_main:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private; other ranks write into it
+        if self.info.enabled:
+            tmp = dist_utils.broadcast_from_main(tmp)
+        self.tmp = Path(str(tmp))
+        return self.tmp
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if self.info.enabled:
+            dist_utils.barrier()  # every shard written
+        try:
+            if self.info.is_main:
+                self._finish(exc_type)
+        finally:
+            if self.info.enabled:
+                dist_utils.barrier()  # the directory is in place for every rank
+
+    def _finish(self, exc_type: object) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.path.exists():
+            old = self.path.with_name(f".{self.path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.path, old)
+            os.replace(self.tmp, self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.path)

@@ -1,0 +1,250 @@
+"""Direct Preference Optimization: one loop over a ``TrainingClient``, top to bottom.
+
+    pairs --render--> (chosen, rejected) datums --forward (step 0)--> reference log-probs
+          --(per step: forward_backward_custom(dpo loss), optim_step)--> checkpoints -> final/
+
+Each side of a pair is rendered on its own with ``train_on="last_assistant"``, so the
+weights mark exactly the final assistant turn (the response) and the shared prompt,
+images included, is identical token for token. A response's log-probability is the
+sum of its weighted tokens' log-probabilities (Rafailov et al. 2023, eq. 7).
+
+The reference model is the policy before the first ``optim_step``: its log-probs for
+every pair (train and validation) are computed once, up front, with ``forward`` on the
+policy itself, and cached in ``reference_logps.json``. That is exact for full
+fine-tuning and LoRA alike (a fresh adapter is a no-op) and needs no second copy of
+the model and no reference pass per step. A resumed run reads the cache; without it,
+``forward_reference`` recomputes it (adapter disabled, or a frozen copy for full FT).
+
+To try another preference loss (IPO, hinge, ...), replace ``preference_loss``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmtune.config import DPOConfig, JobFile, dump_toml
+from vlmtune.data import PreferenceRow, SFTRow, load_dataset
+from vlmtune.engine import losses
+from vlmtune.evaluation import evaluate_exact_match
+from vlmtune.recipes.common import (
+    CHECKPOINT_PREFIX,
+    MetricsLog,
+    ProgressBar,
+    adam_params,
+    batch_indices,
+    create_training_client,
+    learning_rate_at,
+    resume_start_step,
+    steps_per_epoch,
+)
+from vlmtune.render import Renderer, datum_from_rendered
+from vlmtune.sdk import TrainingClient
+from vlmtune.types import Datum
+
+Pair = tuple[Datum, Datum]  # (chosen, rejected)
+REFERENCE_FILE = "reference_logps.json"
+
+
+def preference_loss(
+    policy_chosen_P: torch.Tensor,
+    policy_rejected_P: torch.Tensor,
+    reference_chosen_P: torch.Tensor,
+    reference_rejected_P: torch.Tensor,
+    config: DPOConfig,
+) -> losses.LossOutput:
+    """The loss on summed response log-probs of P pairs. Replace this to change DPO."""
+    return losses.dpo_loss(
+        policy_chosen_P,
+        policy_rejected_P,
+        reference_chosen_P,
+        reference_rejected_P,
+        beta=config.beta,
+        label_smoothing=config.label_smoothing,
+    )
+
+
+def response_logps(datums: Sequence[Datum], logprobs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum of each datum's log-probs over its weighted (response) positions: ``(N,)``."""
+    sums = []
+    for d, lp_T in zip(datums, logprobs, strict=True):
+        mask_T = d.loss_fn_inputs["weights"].to_torch().to(lp_T.device) > 0
+        sums.append((lp_T * mask_T).sum())
+    return torch.stack(sums)
+
+
+def make_loss_fn(reference_P_2: torch.Tensor, config: DPOConfig):
+    """A ``forward_backward_custom`` loss for datums laid out chosen, rejected, chosen, ..."""
+
+    def dpo_loss_fn(datums: list[Datum], logprobs: list[torch.Tensor]) -> losses.LossOutput:
+        logps_N = response_logps(datums, logprobs)
+        ref = reference_P_2.to(logps_N.device)
+        return preference_loss(logps_N[0::2], logps_N[1::2], ref[:, 0], ref[:, 1], config)
+
+    return dpo_loss_fn
+
+
+def render_pairs(
+    rows: Sequence[PreferenceRow], renderer: Renderer, sequence_length: int
+) -> tuple[list[Pair], list[PreferenceRow], dict[str, Any]]:
+    """(pairs, their rows, report): a pair is dropped (and reported) if either side is
+    too long, has no response tokens, or cannot be rendered; never truncated."""
+    pairs, kept, report = [], [], {"total": len(rows), "kept": 0, "dropped": []}
+    for row in rows:
+        try:
+            sides = [renderer.render(m, "last_assistant") for m in (row.chosen, row.rejected)]
+        except ValueError as e:
+            report["dropped"].append({"line": row.line, "reason": str(e)})
+            continue
+        longest = max(r.length for r in sides)
+        if longest - 1 > sequence_length:
+            reason = f"{longest} tokens > sequence_length {sequence_length}"
+        elif not all(any(w > 0 for w in r.weights[1:]) for r in sides):
+            reason = "a side has no response tokens (final assistant turn weight 0?)"
+        else:
+            pairs.append(tuple(datum_from_rendered(r, renderer.image_token_id) for r in sides))
+            kept.append(row)
+            continue
+        report["dropped"].append({"line": row.line, "reason": reason})
+    report["kept"] = len(pairs)
+    return pairs, kept, report  # type: ignore[return-value]
+
+
+def pair_logps(tc: TrainingClient, pairs: Sequence[Pair], reference: bool) -> torch.Tensor:
+    """``(P, 2)`` summed response log-probs under the policy (or the reference), no grad."""
+    forward = tc.forward_reference if reference else tc.forward
+    out = torch.zeros(len(pairs), 2)
+    chunk = 32  # pairs per call: bounded request size over HTTP
+    for start in range(0, len(pairs), chunk):
+        datums = [d for pair in pairs[start : start + chunk] for d in pair]
+        result = forward(datums).result()
+        lps = [o["logprobs"].to_torch() for o in result.loss_fn_outputs]
+        out[start : start + chunk] = response_logps(datums, lps).view(-1, 2)
+    return out
+
+
+def run(job: JobFile, run_dir: Path, *, resume: bool = False, log: Any = print) -> dict[str, Any]:
+    hp = job.hyperparameters
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(dump_toml(job))
+
+    # -- data: preference rows, prompts (images included) validated equal per pair ------
+    cap = job.model.max_images_per_message
+    train_rows, train_report = load_dataset(
+        job.job.data, "preference", max_images_per_message=cap, image_root=job.job.image_root
+    )
+    log(train_report.summary_text())
+    val_rows, val_report = [], None
+    if job.job.validation_data:
+        val_rows, val_report = load_dataset(
+            job.job.validation_data,
+            "preference",
+            max_images_per_message=cap,
+            image_root=job.job.image_root,
+        )
+
+    tc = create_training_client(job, run_dir)
+    pairs, _, render_report = render_pairs(train_rows, tc.renderer, hp.sequence_length)
+    val_pairs, val_kept, _ = render_pairs(val_rows, tc.renderer, hp.sequence_length)
+    report: dict[str, Any] = {"train": {**train_report.to_dict(), "render": render_report}}
+    if val_report is not None:
+        report["validation"] = val_report.to_dict()
+    (run_dir / "validation_report.json").write_text(json.dumps(report, indent=2))
+    log(f"{render_report['kept']}/{render_report['total']} pairs kept")
+    if not pairs:
+        raise RuntimeError(f"{job.job.data}: no trainable pairs after validation and rendering")
+
+    # -- schedule, resume and the reference log-probs -----------------------------------
+    batch_size = hp.per_device_batch * hp.gradient_accumulation_steps  # pairs per step
+    total_steps = hp.n_epochs * steps_per_epoch(len(pairs), batch_size)
+    if hp.max_steps is not None:
+        total_steps = min(total_steps, hp.max_steps)
+    start_step = resume_start_step(tc, run_dir, resume, log)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if resume else None)
+
+    cache = run_dir / REFERENCE_FILE
+    if start_step > 0 and cache.exists():
+        cached = json.loads(cache.read_text())
+        ref_P_2, val_ref_P_2 = torch.tensor(cached["train"]), torch.tensor(cached["validation"])
+    else:
+        # Before the first optim_step the policy *is* the reference: plain forward is exact.
+        t0 = time.perf_counter()
+        ref_P_2 = pair_logps(tc, pairs, reference=start_step > 0)
+        val_ref_P_2 = pair_logps(tc, val_pairs, reference=start_step > 0).view(-1, 2)
+        cache.write_text(
+            json.dumps({"train": ref_P_2.tolist(), "validation": val_ref_P_2.tolist()})
+        )
+        log(
+            f"reference log-probs of {len(pairs) + len(val_pairs)} pairs in {time.perf_counter() - t0:.1f}s"
+        )
+    log(f"training {len(pairs)} pairs, {total_steps} steps of {batch_size} pairs")
+
+    def evaluate(step: int) -> dict[str, Any]:
+        """Held-out DPO metrics, and greedy exact match against the chosen answer."""
+        policy_P_2 = pair_logps(tc, val_pairs, reference=False)
+        _, m = preference_loss(
+            policy_P_2[:, 0], policy_P_2[:, 1], val_ref_P_2[:, 0], val_ref_P_2[:, 1], job.dpo
+        )
+        record: dict[str, Any] = {"step": step, **{f"eval/{k}": v for k, v in m.items()}}
+        sft_rows = [SFTRow(r.line, r.chosen, r.metadata) for r in val_kept[: hp.eval_max_examples]]
+        result = evaluate_exact_match(
+            tc.create_sampling_client(), sft_rows, max_new_tokens=hp.eval_max_new_tokens
+        )
+        record.update({"eval/accuracy": result.accuracy, "eval/n": result.n})
+        metrics.write(record)
+        log(
+            f"eval @ step {step}: dpo loss {m['dpo_loss']:.4f}  reward accuracy "
+            f"{m['reward_accuracy']:.3f}  exact match {result.accuracy:.3f} (n={result.n})"
+        )
+        return record
+
+    # -- the loop -------------------------------------------------------------------
+    last: dict[str, float] = {}
+    with ProgressBar(total_steps, start_step, "dpo") as bar:
+        for step in range(start_step, total_steps):
+            t0 = time.perf_counter()
+            idx = batch_indices(step, len(pairs), batch_size, hp.seed)
+            data = [d for i in idx for d in pairs[i]]  # chosen, rejected, chosen, ...
+            lr = learning_rate_at(
+                step, total_steps, hp.learning_rate, hp.warmup_ratio, hp.lr_scheduler
+            )
+            fb_future = tc.forward_backward_custom(data, make_loss_fn(ref_P_2[idx], job.dpo))
+            opt_future = tc.optim_step(adam_params(hp, lr))
+            fb, opt = fb_future.result(), opt_future.result()
+            elapsed = time.perf_counter() - t0
+            last = {k: v for k, v in fb.metrics.items() if k != "loss:sum"}
+            metrics.write(
+                {
+                    "step": step + 1,
+                    "loss": fb.metrics["loss:sum"],
+                    **last,  # dpo_loss, reward_accuracy, reward_margin, chosen/rejected ...
+                    "learning_rate": lr,
+                    "grad_norm": opt.metrics["grad_norm"],
+                    "pairs_per_s": len(idx) / elapsed,
+                }
+            )
+            bar.update(step + 1, fb.metrics["loss:sum"], len(data) / elapsed)
+            if hp.save_every and (step + 1) % hp.save_every == 0 and step + 1 < total_steps:
+                tc.save_state(f"{CHECKPOINT_PREFIX}{step + 1}", extra={"step": step + 1}).result()
+            at_eval = hp.eval_every and (step + 1) % hp.eval_every == 0
+            if val_pairs and at_eval and step + 1 < total_steps:
+                evaluate(step + 1)
+
+    # -- the servable model -------------------------------------------------------------
+    final_dir = Path(tc.save_weights_for_sampler(str(run_dir / "final")).result().path)
+    summary: dict[str, Any] = {
+        "steps": total_steps,
+        "pairs": len(pairs),
+        **{f"final_{k}": v for k, v in last.items()},
+        "final_dir": str(final_dir),
+    }
+    if val_pairs:
+        summary.update(evaluate(total_steps))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log(f"saved {final_dir}")
+    return summary

@@ -1,0 +1,339 @@
+"""Reinforcement learning (GRPO-style): one loop over a ``TrainingClient``, top to bottom.
+
+    prompts --(per step: sample a group per prompt with the live weights, reward,
+               advantages = reward - group mean, forward_backward, optim_step)--> final/
+
+Group-relative advantages need no value model (Shao et al. 2024, DeepSeekMath §4.1.2):
+``A_i = r_i - mean(r)`` over the ``group_size`` completions of one prompt, optionally
+divided by the group's std. A group whose rewards are all equal has zero advantage
+everywhere and teaches nothing, so it is skipped (and counted).
+
+Each completion becomes one datum in the hosted-SDK layout (Tinker's RL datums):
+``model_input = prompt + completion[:-1]``, ``target_tokens`` shifted by one, and on
+the completion's positions the sampler's log-probs and the advantage (zero on prompt
+positions). The built-in ``importance_sampling`` (or ``ppo``) loss then corrects for
+any sampler/learner mismatch. Advantages are divided by the step's number of trained
+completion tokens, so the summed loss is a per-token mean over the step, as SFT's
+weight scaling makes its loss.
+
+With ``kl_coef > 0`` the loss gains ``kl_coef * mean k3(pi, ref)`` over those tokens
+(Schulman 2020's estimator) through ``forward_backward_custom``; the reference
+log-probs come from ``forward_reference`` (LoRA adapter disabled, or a frozen copy of
+the base for full fine-tuning) on the same datums.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmtune.config import ConfigError, JobFile, RLConfig, dump_toml
+from vlmtune.data import Message, RLRow, SFTRow, TextPart, load_dataset
+from vlmtune.engine import losses
+from vlmtune.evaluation import evaluate_exact_match
+from vlmtune.recipes.common import (
+    CHECKPOINT_PREFIX,
+    MetricsLog,
+    ProgressBar,
+    adam_params,
+    batch_indices,
+    create_training_client,
+    learning_rate_at,
+    resume_start_step,
+    steps_per_epoch,
+)
+from vlmtune.rewards import (
+    RewardError,
+    canonical_spec,
+    resolve_reward,
+    row_dict,
+    safe_reward,
+    score_group,
+)
+from vlmtune.types import (
+    Datum,
+    EncodedTextChunk,
+    ModelInput,
+    SampledSequence,
+    SamplingParams,
+    TensorData,
+)
+
+MAX_LOGGED_ERRORS_PER_STEP = 3
+
+
+def advantages_or_skip(rewards_G: list[float], normalize_std: bool) -> list[float] | None:
+    """GRPO advantages of one group (``losses.group_advantages``), or None when every
+    reward is equal: then every advantage is 0 and the group carries no signal."""
+    if max(rewards_G) == min(rewards_G):
+        return None
+    return losses.group_advantages(torch.tensor(rewards_G), normalize_std=normalize_std).tolist()
+
+
+def completion_datum(
+    prompt: ModelInput, prompt_ids: list[int], seq: SampledSequence, advantage: float
+) -> Datum:
+    """Datum for one sampled completion: the advantage on its tokens, 0 on the prompt's."""
+    P, C = len(prompt_ids), len(seq.tokens)
+    model_input = prompt if C == 1 else prompt.append(EncodedTextChunk(tokens=seq.tokens[:-1]))
+    zeros = [0.0] * (P - 1)  # input position t predicts token t+1: the prompt's own tail
+    sampler_logprobs = seq.logprobs or [0.0] * C
+    return Datum(
+        model_input=model_input,
+        loss_fn_inputs={
+            "target_tokens": TensorData(data=prompt_ids[1:] + seq.tokens, dtype="int64"),
+            "logprobs": TensorData(data=zeros + list(sampler_logprobs), dtype="float32"),
+            "advantages": TensorData(data=zeros + [advantage] * C, dtype="float32"),
+        },
+    )
+
+
+def completion_mask(datum: Datum, n_completion: int) -> Datum:
+    """The same sequence with ``weights`` 1 on its completion: for reference log-probs."""
+    n = len(datum.loss_fn_inputs["target_tokens"].data)
+    weights = [0.0] * (n - n_completion) + [1.0] * n_completion
+    return Datum(
+        model_input=datum.model_input,
+        loss_fn_inputs={
+            "target_tokens": datum.loss_fn_inputs["target_tokens"],
+            "weights": TensorData(data=weights, dtype="float32"),
+        },
+    )
+
+
+def make_kl_loss_fn(ref_logprobs: list[torch.Tensor], n_tokens: int, rl: RLConfig):
+    """Policy-gradient loss + ``kl_coef`` * per-token mean k3 KL to the reference."""
+
+    def loss_fn(datums: list[Datum], logprobs: list[torch.Tensor]) -> losses.LossOutput:
+        pg_total = kl_total = 0.0
+        for d, lp_T, ref_T in zip(datums, logprobs, ref_logprobs, strict=True):
+            adv_T = d.loss_fn_inputs["advantages"].to_torch().to(lp_T.device)
+            mask_T = adv_T != 0  # the completion (advantages were scaled, never exactly 0)
+            lp_N, adv_N = lp_T[mask_T][None], adv_T[mask_T][None]
+            old_N = d.loss_fn_inputs["logprobs"].to_torch().to(lp_T.device)[mask_T][None]
+            if rl.loss == "ppo":
+                pg, _ = losses.ppo_clip_loss(lp_N, old_N, adv_N, rl.clip_low, rl.clip_high)
+            else:
+                pg, _ = losses.importance_sampling_loss(lp_N, old_N, adv_N)
+            ref_N = ref_T.to(lp_T.device)[mask_T][None]
+            pg_total = pg_total + pg
+            kl_total = kl_total + losses.kl_penalty_k3(lp_N, ref_N).sum() / n_tokens
+        loss = pg_total + rl.kl_coef * kl_total
+        return loss, {"kl": float(kl_total.detach()), "pg_loss": float(pg_total.detach())}
+
+    return loss_fn
+
+
+def run(
+    job: JobFile,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    log: Any = print,
+    config_dir: str | Path = ".",
+) -> dict[str, Any]:
+    """``config_dir``: where a relative ``rl.reward`` file path resolves (the TOML's folder)."""
+    hp, rl = job.hyperparameters, job.rl
+    # A reward that cannot be resolved is a config error, found before any work.
+    try:
+        reward_fn = resolve_reward(rl.reward, regex=rl.reward_regex, base_dir=config_dir)
+    except RewardError as e:
+        raise ConfigError("job file", [f"rl.reward: {e}"]) from None
+    rl.reward = canonical_spec(rl.reward, config_dir)  # the saved config stays runnable
+    if rl.temperature == 0:
+        log("rl.temperature = 0: greedy groups are identical and will all be skipped")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(dump_toml(job))
+
+    # -- data: prompts ending in a user turn, images included, metadata for the reward --
+    cap = job.model.max_images_per_message
+    rows, train_report = load_dataset(
+        job.job.data, "rl", max_images_per_message=cap, image_root=job.job.image_root
+    )
+    log(train_report.summary_text())
+    val_rows: list[RLRow] = []
+    if job.job.validation_data:
+        val_rows, _ = load_dataset(
+            job.job.validation_data, "rl", max_images_per_message=cap, image_root=job.job.image_root
+        )
+
+    tc = create_training_client(job, run_dir)
+    renderer = tc.renderer
+    prompts, kept, too_long = [], [], []
+    for row in rows:
+        rendered = renderer.render_prompt(row.messages)
+        if rendered.length + rl.max_tokens - 1 > hp.sequence_length:
+            too_long.append({"line": row.line, "tokens": rendered.length})
+            continue
+        prompts.append(
+            (rendered.model_input, rendered.model_input.to_ints(renderer.image_token_id))
+        )
+        kept.append(row)
+    report = {"train": {**train_report.to_dict(), "dropped_too_long": too_long}}
+    (run_dir / "validation_report.json").write_text(json.dumps(report, indent=2))
+    if not prompts:
+        raise RuntimeError(f"{job.job.data}: no usable prompts after validation and rendering")
+
+    # -- schedule -------------------------------------------------------------------
+    total_steps = hp.n_epochs * steps_per_epoch(len(prompts), rl.prompts_per_step)
+    if hp.max_steps is not None:
+        total_steps = min(total_steps, hp.max_steps)
+    start_step = resume_start_step(tc, run_dir, resume, log)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if resume else None)
+    log(
+        f"RL on {len(prompts)} prompts: {total_steps} steps of {rl.prompts_per_step} prompts "
+        f"x {rl.group_size} samples, reward {rl.reward}, loss {rl.loss}"
+    )
+    total_errors = 0
+
+    def evaluate(step: int) -> dict[str, Any]:
+        """Greedy decoding of held-out prompts: exact match vs metadata.answer, mean reward."""
+        eval_rows = val_rows[: hp.eval_max_examples]
+        sft_rows = [
+            SFTRow(
+                r.line,
+                [*r.messages, Message("assistant", [TextPart(str(r.metadata.get("answer", "")))])],
+                r.metadata,
+            )
+            for r in eval_rows
+        ]
+        result = evaluate_exact_match(
+            tc.create_sampling_client(), sft_rows, max_new_tokens=hp.eval_max_new_tokens
+        )
+        scores = [
+            safe_reward(reward_fn, p["prediction"], row_dict(r.messages, r.metadata, r.line))[0]
+            for p, r in zip(result.predictions, eval_rows, strict=True)
+        ]
+        record: dict[str, Any] = {"step": step, "eval/reward": sum(scores) / max(1, len(scores))}
+        if all("answer" in r.metadata for r in eval_rows):
+            record["eval/accuracy"] = result.accuracy
+        record["eval/n"] = result.n
+        metrics.write(record)
+        log(
+            f"eval @ step {step}: "
+            + "  ".join(f"{k} {v:.3f}" for k, v in record.items() if "/" in k)
+        )
+        return record
+
+    # -- the loop -------------------------------------------------------------------
+    last: dict[str, Any] = {}
+    with ProgressBar(total_steps, start_step, "rl") as bar:
+        for step in range(start_step, total_steps):
+            t0 = time.perf_counter()
+            idx = batch_indices(step, len(prompts), rl.prompts_per_step, hp.seed)
+            params = SamplingParams(
+                max_tokens=rl.max_tokens,
+                temperature=rl.temperature,
+                top_p=rl.top_p,
+                top_k=rl.top_k,
+                stop=rl.stop or None,
+                seed=hp.seed * 1_000_003 + step,  # a resumed run samples the same groups
+            )
+            # The sampler reads the live weights: every group is on-policy for this step.
+            responses = (
+                tc.create_sampling_client()
+                .sample_many([prompts[i][0] for i in idx], rl.group_size, params)
+                .result()
+            )
+            t_sample = time.perf_counter() - t0
+
+            # -- rewards and group-relative advantages ----------------------------------
+            trained: list[tuple[int, SampledSequence, float]] = []
+            rewards: list[float] = []
+            errors: list[str] = []
+            n_skipped = 0
+            for i, response in zip(idx, responses, strict=True):
+                row = kept[i]
+                texts = [renderer.decode(s.tokens) for s in response.sequences]
+                rewards_G, errors_G = score_group(
+                    reward_fn, texts, row_dict(row.messages, row.metadata, row.line)
+                )
+                rewards += rewards_G
+                errors += [f"line {row.line}: {e}" for e in errors_G]
+                advantages_G = advantages_or_skip(rewards_G, rl.normalize_advantages)
+                if advantages_G is None:
+                    n_skipped += 1  # all rewards equal: zero advantage, nothing to learn
+                    continue
+                for seq, a in zip(response.sequences, advantages_G, strict=True):
+                    if a != 0:  # e.g. the middle one of rewards [0, 0.5, 1]: no signal
+                        trained.append((i, seq, a))
+            for e in errors[:MAX_LOGGED_ERRORS_PER_STEP]:
+                log(f"step {step + 1}: reward error (scored 0) on {e}")
+            if len(errors) > MAX_LOGGED_ERRORS_PER_STEP:
+                log(
+                    f"step {step + 1}: {len(errors) - MAX_LOGGED_ERRORS_PER_STEP} more reward errors"
+                )
+            total_errors += len(errors)
+
+            # -- the update: a per-token mean over the step's trained completion tokens ----
+            n_tokens = sum(len(seq.tokens) for _, seq, _ in trained)
+            datums = [completion_datum(*prompts[i], seq, a / n_tokens) for i, seq, a in trained]
+            lr = learning_rate_at(
+                step, total_steps, hp.learning_rate, hp.warmup_ratio, hp.lr_scheduler
+            )
+            fb_metrics: dict[str, float] = {}
+            grad_norm = 0.0
+            if datums:  # all groups skipped: no gradient, and no optimizer step either
+                if rl.kl_coef > 0:
+                    masked = [
+                        completion_mask(d, len(seq.tokens))
+                        for d, (_, seq, _) in zip(datums, trained, strict=True)
+                    ]
+                    ref = tc.forward_reference(masked).result()
+                    ref_lps = [o["logprobs"].to_torch() for o in ref.loss_fn_outputs]
+                    fb = tc.forward_backward_custom(datums, make_kl_loss_fn(ref_lps, n_tokens, rl))
+                else:
+                    fb = tc.forward_backward(
+                        datums,
+                        rl.loss,
+                        {"clip_low_threshold": rl.clip_low, "clip_high_threshold": rl.clip_high},
+                    )
+                opt = tc.optim_step(adam_params(hp, lr))
+                fb_metrics, grad_norm = fb.result().metrics, opt.result().metrics["grad_norm"]
+
+            seqs = [s for r in responses for s in r.sequences]
+            n_sampled = sum(len(s.tokens) for s in seqs)
+            last = {
+                "step": step + 1,
+                "loss": fb_metrics.get("loss:sum", 0.0),
+                "reward_mean": sum(rewards) / len(rewards),
+                "reward_max": max(rewards),
+                "frac_groups_skipped": n_skipped / len(idx),
+                "completion_len_mean": n_sampled / len(seqs),
+                "frac_truncated": sum(s.stop_reason == "length" for s in seqs) / len(seqs),
+                "sampler_logprob_mean": sum(sum(s.logprobs or []) for s in seqs)
+                / max(1, n_sampled),
+                "reward_errors": len(errors),
+                "trained_tokens": n_tokens,
+                "learning_rate": lr,
+                "grad_norm": grad_norm,
+                **{k.split(":")[0]: v for k, v in fb_metrics.items() if k != "loss:sum"},
+                "sample_s": t_sample,
+                "step_s": time.perf_counter() - t0,
+            }
+            metrics.write(last)
+            bar.update(step + 1, last["reward_mean"], len(seqs) / last["step_s"])
+            if hp.save_every and (step + 1) % hp.save_every == 0 and step + 1 < total_steps:
+                tc.save_state(f"{CHECKPOINT_PREFIX}{step + 1}", extra={"step": step + 1}).result()
+            at_eval = hp.eval_every and (step + 1) % hp.eval_every == 0
+            if val_rows and at_eval and step + 1 < total_steps:
+                evaluate(step + 1)
+
+    # -- the servable model -------------------------------------------------------------
+    final_dir = Path(tc.save_weights_for_sampler(str(run_dir / "final")).result().path)
+    summary: dict[str, Any] = {
+        "steps": total_steps,
+        "prompts": len(prompts),
+        "final_reward_mean": last.get("reward_mean"),
+        "reward_errors": total_errors,
+        "final_dir": str(final_dir),
+    }
+    if val_rows:
+        summary.update(evaluate(total_steps))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log(f"saved {final_dir}")
+    return summary
