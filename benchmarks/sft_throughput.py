@@ -173,7 +173,7 @@ def run_all(args: argparse.Namespace) -> list[dict]:
             print(
                 f"[{rep}] {r['config']:22s} {r['examples_per_s']:7.1f} ex/s "
                 f"{r['tokens_per_s']:7.0f} tok/s  peak RSS {r['peak_rss_mib']:6.0f} MiB "
-                f"(workers' {r['worker_peak_rss_mib']:4.0f})  load {os.getloadavg()[0]:.1f}",
+                f"(children' {r['worker_peak_rss_mib']:4.0f})  load {os.getloadavg()[0]:.1f}",
                 flush=True,
             )
     return results

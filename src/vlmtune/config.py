@@ -68,6 +68,12 @@ class TrainingConfig(_Section):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="compute dtype")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
+    image_workers: int | None = Field(
+        None, ge=0, description="image preprocessing processes (unset: auto, 0: in-process)"
+    )
+    image_cache_dir: str | None = Field(
+        None, description="reuse preprocessed images across epochs and runs"
+    )
 
 
 class HyperparametersConfig(_Section):

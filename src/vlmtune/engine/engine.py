@@ -61,6 +61,7 @@ class EngineConfig:
     packing: bool = False  # several examples per row, positions restarting per example
     max_row_tokens: int = 4096  # a packed row's capacity
     gradient_checkpointing: bool = False
+    image_cache_dir: str | None = None  # on-disk cache of preprocessed pixels (content-keyed)
     seed: int = 0
     # Under torchrun (ignored in one process): FSDP2 over all ranks.
     fsdp_reshard_after_forward: bool = True  # False keeps layers gathered until backward
@@ -136,7 +137,10 @@ class TrainingEngine:
         tokenizer = self.processor.tokenizer
         self.pad_token_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.image_preprocessor = ImagePreprocessor(
-            self.processor.image_processor, config.min_pixels, config.max_pixels
+            self.processor.image_processor,
+            config.min_pixels,
+            config.max_pixels,
+            cache_dir=config.image_cache_dir,
         )
         self.renderer = Renderer(tokenizer, self.image_preprocessor, config.max_images_per_message)
         if config.freeze_embeddings:

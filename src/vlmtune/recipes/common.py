@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -20,16 +19,11 @@ from rich.progress import (
 )
 
 from vlmtune.config import JobFile
+from vlmtune.engine.distributed import is_main_process
 from vlmtune.sdk import ServiceClient, TrainingClient
 from vlmtune.types import AdamParams
 
 CHECKPOINT_PREFIX = "step-"
-
-
-def is_main_process() -> bool:
-    """Rank 0 under torchrun (which sets RANK), or a plain process: the one that writes
-    metrics, logs and the run directory's files. Every rank still runs the loop."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def main_process_log(log: Any) -> Any:

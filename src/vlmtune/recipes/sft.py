@@ -19,6 +19,8 @@ from typing import Any
 
 from vlmtune.config import JobFile, dump_toml
 from vlmtune.data import load_dataset
+from vlmtune.engine.distributed import env_info
+from vlmtune.engine.prefetch import prefetch_images
 from vlmtune.evaluation import evaluate_exact_match
 from vlmtune.recipes.common import (
     CHECKPOINT_PREFIX,
@@ -66,6 +68,7 @@ def create_training_client(job: JobFile, run_dir: Path) -> TrainingClient:
         max_row_tokens=job.hyperparameters.sequence_length,
         gradient_checkpointing=job.training.gradient_checkpointing,
         seed=job.hyperparameters.seed,
+        image_cache_dir=job.training.image_cache_dir,
         # Used only under torchrun (`vlmtune train --nproc N` or [compute] gpu_count > 1).
         fsdp_reshard_after_forward=job.compute.sharding == "full_shard",
         fsdp_reduce_dtype=job.compute.reduce_dtype,
@@ -112,6 +115,10 @@ def run(job: JobFile, run_dir: Path, *, resume: bool = False, log: Any = print) 
     val_datums, _ = build_sft_datums(
         val_rows, tc.renderer, sequence_length=hp.sequence_length, train_on=hp.train_on
     )
+    # Decode and preprocess every image once, up front (worker processes when they pay),
+    # so the loop never decodes; under torchrun each rank does it in-process.
+    workers = 0 if env_info().enabled else job.training.image_workers
+    log(prefetch_images([*datums, *val_datums], tc.engine.image_preprocessor, workers).summary())
     report = {"train": {**train_report.to_dict(), "render": render_report.to_dict()}}
     if val_report is not None:
         report["validation"] = val_report.to_dict()
