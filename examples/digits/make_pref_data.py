@@ -3,8 +3,9 @@
 For every row of ``train.jsonl`` / ``test.jsonl`` (same split, same images):
 
 - ``{split}_pref.jsonl``: ``chosen`` = the image question answered with the right digit,
-  ``rejected`` = the same prompt answered with a wrong digit (seeded; ``--negatives N``
-  pairs per image, each with a different wrong digit);
+  ``rejected`` = the same prompt answered with a wrong digit (seeded). The train split
+  gets ``--negatives N`` pairs per image, each with a different wrong digit (default 9:
+  every wrong digit); the test split one pair per image;
 - ``{split}_rl.jsonl``: the prompt alone (ending with the user turn), the digit in
   ``metadata.answer`` for the ``exact_match`` reward.
 
@@ -41,14 +42,17 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data", type=Path, default=Path(__file__).parent / "data")
-    parser.add_argument("--negatives", type=int, default=1, help="wrong digits per image (1-9)")
+    parser.add_argument(
+        "--negatives", type=int, default=9, help="train pairs per image: wrong digits (1-9)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     rng = random.Random(args.seed)
     for split in ("train", "test"):
         rows = [json.loads(x) for x in (args.data / f"{split}.jsonl").read_text().splitlines()]
-        pref = [p for r in rows for p in preference_rows(r, rng, args.negatives)]
+        negatives = args.negatives if split == "train" else 1
+        pref = [p for r in rows for p in preference_rows(r, rng, negatives)]
         for name, out in (("pref", pref), ("rl", [rl_row(r) for r in rows])):
             path = args.data / f"{split}_{name}.jsonl"
             path.write_text("".join(json.dumps(x) + "\n" for x in out))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -104,7 +105,7 @@ def test_chosen_and_rejected_see_the_same_image_tensors(tmp_path, tiny_dir):
     assert ids_c[: prompt_len + 1] == ids_r[: prompt_len + 1]
 
 
-def test_dpo_cli_run_learns_a_repeated_pair(tmp_path):
+def test_dpo_cli_run_learns_a_repeated_pair_and_resumes(tmp_path):
     write_pairs(tmp_path / "train.jsonl", 4)
     write_pairs(tmp_path / "val.jsonl", 2)
     toml = tmp_path / "dpo.toml"
@@ -122,6 +123,7 @@ n_epochs = 2
 learning_rate = 5e-3
 lr_scheduler = "constant"
 sequence_length = 128
+save_every = 1
 eval_max_new_tokens = 2
 [dpo]
 beta = 0.5
@@ -155,3 +157,17 @@ max_pixels = 4096
     assert (run / "reference_logps.json").exists()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["pairs"] == 4 and summary["eval/reward_accuracy"] == 1.0
+
+    # Interrupted after step 1: the resumed run reads the reference cache and the
+    # checkpoint, and step 2 comes out the same.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run / "checkpoints", resumed / "checkpoints")
+    shutil.copy(run / "reference_logps.json", resumed / "reference_logps.json")
+    (resumed / "metrics.jsonl").write_text(json.dumps(steps[0]) + "\n")
+    args = ["train", "--type", "dpo", "--config", str(toml), "--output", str(resumed)]
+    result = runner.invoke(app, [*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    again = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    again = [r for r in again if "dpo_loss" in r]
+    assert [r["step"] for r in again] == [1, 2]
+    assert again[1]["dpo_loss"] == pytest.approx(steps[1]["dpo_loss"], rel=1e-4, abs=1e-6)

@@ -114,7 +114,9 @@ max_pixels = 4096
 
 
 def train(toml: Path, out: Path):
-    return runner.invoke(app, ["train", "--type", "rl", "--config", str(toml), "--output", str(out)])
+    return runner.invoke(
+        app, ["train", "--type", "rl", "--config", str(toml), "--output", str(out)]
+    )
 
 
 def records(run: Path) -> list[dict]:

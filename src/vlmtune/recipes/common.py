@@ -173,10 +173,9 @@ def resume_start_step(tc: Any, run_dir: Path, resume: bool, log: Any = print) ->
 def create_training_client(job: JobFile, run_dir: Path) -> TrainingClient:
     """The job's model, adapter and vision settings as an in-process training client.
 
-    (The same as ``sft.create_training_client``, except that packing applies to every
-    method: DPO pairs and RL completions are short, and packing them into rows of
-    ``sequence_length`` tokens makes a CPU step 10-40x faster than one example per
-    micro-batch, with per-example outputs unchanged.)
+    Packing applies to every method: DPO pairs and RL completions are short, and packing
+    them into rows of ``sequence_length`` tokens makes a CPU step 10-40x faster than one
+    example per micro-batch, with per-example outputs unchanged.
     """
     mode = job.finetune_mode
     return ServiceClient().create_training_client(
@@ -200,4 +199,9 @@ def create_training_client(job: JobFile, run_dir: Path) -> TrainingClient:
         max_row_tokens=job.hyperparameters.sequence_length,
         gradient_checkpointing=job.training.gradient_checkpointing,
         seed=job.hyperparameters.seed,
+        image_cache_dir=job.training.image_cache_dir,
+        # Used only under torchrun (`vlmtune train --nproc N` or [compute] gpu_count > 1).
+        fsdp_reshard_after_forward=job.compute.sharding == "full_shard",
+        fsdp_reduce_dtype=job.compute.reduce_dtype,
+        fsdp_cpu_offload=job.compute.cpu_offload,
     )

@@ -9,8 +9,9 @@ images included, is identical token for token. A response's log-probability is t
 sum of its weighted tokens' log-probabilities (Rafailov et al. 2023, eq. 7).
 
 The reference model is the policy before the first ``optim_step``: its log-probs for
-every pair (train and validation) are computed once, up front, with ``forward`` on the
-policy itself, and cached in ``reference_logps.json``. That is exact for full
+every pair the run will use (the batch order is known in advance, plus the first
+``eval_max_examples`` validation pairs) are computed once, up front, with ``forward`` on
+the policy itself, and cached in ``reference_logps.json``. That is exact for full
 fine-tuning and LoRA alike (a fresh adapter is a no-op) and needs no second copy of
 the model and no reference pass per step. A resumed run reads the cache; without it,
 ``forward_reference`` recomputes it (adapter disabled, or a frozen copy for full FT).
@@ -167,21 +168,31 @@ def run(job: JobFile, run_dir: Path, *, resume: bool = False, log: Any = print) 
     start_step = resume_start_step(tc, run_dir, resume, log)
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if resume else None)
 
+    # Reference values are needed only for the pairs this run trains on (the batch order
+    # is a pure function of the step) and the validation pairs it evaluates.
+    used = sorted(
+        {i for s in range(total_steps) for i in batch_indices(s, len(pairs), batch_size, hp.seed)}
+    )
+    val_pairs, val_kept = val_pairs[: hp.eval_max_examples], val_kept[: hp.eval_max_examples]
     cache = run_dir / REFERENCE_FILE
     if start_step > 0 and cache.exists():
         cached = json.loads(cache.read_text())
-        ref_P_2, val_ref_P_2 = torch.tensor(cached["train"]), torch.tensor(cached["validation"])
     else:
         # Before the first optim_step the policy *is* the reference: plain forward is exact.
         t0 = time.perf_counter()
-        ref_P_2 = pair_logps(tc, pairs, reference=start_step > 0)
-        val_ref_P_2 = pair_logps(tc, val_pairs, reference=start_step > 0).view(-1, 2)
-        cache.write_text(
-            json.dumps({"train": ref_P_2.tolist(), "validation": val_ref_P_2.tolist()})
-        )
-        log(
-            f"reference log-probs of {len(pairs) + len(val_pairs)} pairs in {time.perf_counter() - t0:.1f}s"
-        )
+        as_ref = start_step > 0  # resumed without a cache: the base model recomputes them
+        train_P_2 = pair_logps(tc, [pairs[i] for i in used], reference=as_ref)
+        cached = {
+            "train": dict(zip(map(str, used), train_P_2.tolist(), strict=True)),
+            "validation": pair_logps(tc, val_pairs, reference=as_ref).tolist(),
+        }
+        cache.write_text(json.dumps(cached))
+        n = len(used) + len(val_pairs)
+        log(f"reference log-probs of {n} pairs in {time.perf_counter() - t0:.1f}s")
+    ref_P_2 = torch.full((len(pairs), 2), float("nan"))  # NaN: a pair this run never uses
+    for i, value in cached["train"].items():
+        ref_P_2[int(i)] = torch.tensor(value)
+    val_ref_P_2 = torch.tensor(cached["validation"]).view(-1, 2)
     log(f"training {len(pairs)} pairs, {total_steps} steps of {batch_size} pairs")
 
     def evaluate(step: int) -> dict[str, Any]:
@@ -191,7 +202,7 @@ def run(job: JobFile, run_dir: Path, *, resume: bool = False, log: Any = print) 
             policy_P_2[:, 0], policy_P_2[:, 1], val_ref_P_2[:, 0], val_ref_P_2[:, 1], job.dpo
         )
         record: dict[str, Any] = {"step": step, **{f"eval/{k}": v for k, v in m.items()}}
-        sft_rows = [SFTRow(r.line, r.chosen, r.metadata) for r in val_kept[: hp.eval_max_examples]]
+        sft_rows = [SFTRow(r.line, r.chosen, r.metadata) for r in val_kept]
         result = evaluate_exact_match(
             tc.create_sampling_client(), sft_rows, max_new_tokens=hp.eval_max_new_tokens
         )

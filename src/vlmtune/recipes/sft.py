@@ -27,6 +27,7 @@ from vlmtune.recipes.common import (
     MetricsLog,
     ProgressBar,
     batch_indices,
+    create_training_client,
     is_main_process,
     latest_checkpoint,
     learning_rate_at,
@@ -36,44 +37,11 @@ from vlmtune.recipes.common import (
 from vlmtune.render import build_sft_datums
 from vlmtune.sdk import (
     AdamParams,
-    ServiceClient,
     TrainingClient,
     scale_weights,
     weighted_token_count,
 )
 from vlmtune.types import Datum
-
-
-def create_training_client(job: JobFile, run_dir: Path) -> TrainingClient:
-    """The job's model, adapter and vision settings as an in-process training client."""
-    mode = job.finetune_mode
-    return ServiceClient().create_training_client(
-        job.job.model,
-        checkpoint_dir=run_dir / "checkpoints",
-        lora_rank=0 if mode == "full" else job.lora.r,
-        mode=mode,
-        lora_alpha=job.lora.alpha,
-        lora_dropout=job.lora.dropout,
-        target_modules=job.lora.target_modules,
-        freeze_vision_tower=job.model.freeze_vision_tower,
-        freeze_projector=job.model.freeze_projector,
-        freeze_embeddings=job.model.freeze_embeddings,
-        min_pixels=job.model.min_pixels,
-        max_pixels=job.model.max_pixels,
-        max_images_per_message=job.model.max_images_per_message,
-        precision="bf16" if job.training.precision == "bf16" else "fp32",
-        device=job.training.device,
-        micro_batch_size=job.hyperparameters.per_device_batch,
-        packing=job.hyperparameters.packing and job.algorithm.method == "sft",
-        max_row_tokens=job.hyperparameters.sequence_length,
-        gradient_checkpointing=job.training.gradient_checkpointing,
-        seed=job.hyperparameters.seed,
-        image_cache_dir=job.training.image_cache_dir,
-        # Used only under torchrun (`vlmtune train --nproc N` or [compute] gpu_count > 1).
-        fsdp_reshard_after_forward=job.compute.sharding == "full_shard",
-        fsdp_reduce_dtype=job.compute.reduce_dtype,
-        fsdp_cpu_offload=job.compute.cpu_offload,
-    )
 
 
 def validation_loss(tc: TrainingClient, datums: list[Datum]) -> float:
