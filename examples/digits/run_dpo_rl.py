@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -25,11 +26,14 @@ ROOT = HERE.parent.parent
 VLMTUNE = [sys.executable, "-m", "vlmtune"]
 RUNS = ROOT / "runs"
 PIXELS = ["--min-pixels", "4096", "--max-pixels", "4096"]
+# One torch thread, as run_demo.py: the tiny model's matrices are too small to split, and
+# on a busy 2-core machine a second thread spins waiting for a core.
+ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
 
 def sh(cmd: list[str]) -> str:
     print("$ " + " ".join(str(c) for c in cmd), flush=True)
-    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
     return out.stdout
 
 
@@ -81,16 +85,17 @@ def main() -> None:
             timings[kind] = train(kind, HERE / f"{kind}.toml", run_dir, model)
             results[kind] = accuracy(run_dir / "final")
 
+    def minutes(kind: str) -> str:
+        return f"({timings[kind] / 60:.1f} min)" if kind in timings else ""
+
     print()
     print("=" * 64)
     print("  held-out digits accuracy (n=360, chance 10%)")
-    sft_time = f" ({timings['sft'] / 60:.1f} min)" if "sft" in timings else ""
-    print(f"    short SFT ({args.sft_steps} steps){sft_time}: {start:6.1%}")
+    label = f"short SFT, {args.sft_steps} steps"
+    print(f"    {label:22s}{start:6.1%}  {'':8s}  {minutes('sft')}")
     for kind, acc in results.items():
-        print(
-            f"    + {kind.upper():3s} ({timings[kind] / 60:.1f} min):{'':10s}{acc:6.1%}"
-            f"   ({(acc - start) * 100:+.1f} points)"
-        )
+        gain = f"({(acc - start) * 100:+.1f})"
+        print(f"    {'+ ' + kind.upper():22s}{acc:6.1%}  {gain:8s}  {minutes(kind)}")
     print(f"  runs: {RUNS}")
     print("=" * 64)
 

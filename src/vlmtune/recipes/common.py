@@ -104,10 +104,15 @@ class ProgressBar:
     """A rich bar (loss, examples/s, time left) on a terminal; plain lines otherwise."""
 
     def __init__(
-        self, total: int, start: int, description: str, stream: TextIO | None = None
+        self,
+        total: int,
+        start: int,
+        description: str,
+        stream: TextIO | None = None,
+        label: str = "loss",  # what the number shown is (RL shows the mean reward)
     ) -> None:
         stream = stream or sys.stderr  # looked up per call: tests and notebooks swap it
-        self.total, self.start_step = total, start
+        self.total, self.start_step, self.label = total, start, label
         self.enabled = is_main_process()
         self.interactive = self.enabled and stream.isatty()
         self.last_print = 0.0
@@ -116,7 +121,7 @@ class ProgressBar:
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"),
+            TextColumn(label + " {task.fields[loss]:.4f}"),
             TextColumn("{task.fields[eps]:.1f} ex/s"),
             TimeRemainingColumn(),
             disable=not self.interactive,
@@ -140,7 +145,7 @@ class ProgressBar:
         if not self.interactive and (now - self.last_print > 10 or step == self.total):
             self.last_print = now
             print(
-                f"step {step}/{self.total}  loss {loss:.4f}  {examples_per_s:.1f} ex/s",
+                f"step {step}/{self.total}  {self.label} {loss:.4f}  {examples_per_s:.1f} ex/s",
                 file=self.stream,
             )
 

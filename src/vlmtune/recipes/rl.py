@@ -156,24 +156,32 @@ def run(
     )
     log(train_report.summary_text())
     val_rows: list[RLRow] = []
+    val_report = None
     if job.job.validation_data:
-        val_rows, _ = load_dataset(
+        val_rows, val_report = load_dataset(
             job.job.validation_data, "rl", max_images_per_message=cap, image_root=job.job.image_root
         )
 
     tc = create_training_client(job, run_dir)
     renderer = tc.renderer
-    prompts, kept, too_long = [], [], []
+    prompts, kept, dropped = [], [], []
     for row in rows:
-        rendered = renderer.render_prompt(row.messages)
+        try:
+            rendered = renderer.render_prompt(row.messages)
+        except ValueError as e:  # e.g. an image aspect ratio the processor refuses
+            dropped.append({"line": row.line, "reason": str(e)})
+            continue
         if rendered.length + rl.max_tokens - 1 > hp.sequence_length:
-            too_long.append({"line": row.line, "tokens": rendered.length})
+            reason = f"prompt {rendered.length} + max_tokens > sequence_length"
+            dropped.append({"line": row.line, "reason": reason})
             continue
         prompts.append(
             (rendered.model_input, rendered.model_input.to_ints(renderer.image_token_id))
         )
         kept.append(row)
-    report = {"train": {**train_report.to_dict(), "dropped_too_long": too_long}}
+    report: dict[str, Any] = {"train": {**train_report.to_dict(), "render_dropped": dropped}}
+    if val_report is not None:
+        report["validation"] = val_report.to_dict()
     (run_dir / "validation_report.json").write_text(json.dumps(report, indent=2))
     if not prompts:
         raise RuntimeError(f"{job.job.data}: no usable prompts after validation and rendering")
@@ -221,7 +229,7 @@ def run(
 
     # -- the loop -------------------------------------------------------------------
     last: dict[str, Any] = {}
-    with ProgressBar(total_steps, start_step, "rl") as bar:
+    with ProgressBar(total_steps, start_step, "rl", label="reward") as bar:
         for step in range(start_step, total_steps):
             t0 = time.perf_counter()
             idx = batch_indices(step, len(prompts), rl.prompts_per_step, hp.seed)
