@@ -155,7 +155,11 @@ def train(
     if type_ not in recipes:
         _err(f"--type {type_}: this version ships the sft recipe only")
         raise typer.Exit(2)
-    summary = recipes[type_](job, run_dir, resume=resume, log=say)
+    try:
+        summary = recipes[type_](job, run_dir, resume=resume, log=say)
+    except ConfigError as e:  # found by a recipe before any training (e.g. an unknown reward)
+        _err(str(e))
+        raise typer.Exit(2) from None
     if is_main_process():
         typer.echo(json.dumps(summary))
 
