@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 import torch
 
+from vlmtune.engine import dispatch, placement
 from vlmtune.engine import distributed as dist_utils
-from vlmtune.engine import losses
 from vlmtune.engine.batching import Batch, collate, pack_rows, packing_efficiency
 from vlmtune.engine.checkpoint import load_training_state, save_training_state
 from vlmtune.engine.logprobs import selected_token_logprobs
@@ -31,7 +31,6 @@ from vlmtune.types import (
     OptimStepResponse,
     SampleResponse,
     SamplingParams,
-    TensorData,
 )
 
 CustomLossFn = Callable[[list[Datum], list[torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
@@ -69,38 +68,15 @@ class EngineConfig:
     fsdp_cpu_offload: bool = False  # sharded params, grads and Adam state in host memory
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """bf16 where the device supports it, else fp32 (CPU bf16 matmuls are slow and lossy)."""
-    if precision == "fp32":
-        return torch.float32
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
-def _unwrap_hf(model: torch.nn.Module) -> torch.nn.Module:
-    """The ``*ForConditionalGeneration`` under a peft wrapper (adapters stay injected)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 class TrainingEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
-        device = resolve_device(config.device)
+        device = placement.resolve_device(config.device)
         self.dist = dist_utils.init_distributed(device)
         if self.dist.enabled and device.type == "cuda":
             device = torch.device("cuda", self.dist.local_rank)  # one GPU per process
         self.device = device
-        self.dtype = resolve_dtype(config.precision, self.device)
+        self.dtype = placement.resolve_dtype(config.precision, self.device)
         torch.manual_seed(config.seed)
         load_dtype, load_device = self.dtype, self.device
         if self.dist.enabled:
@@ -129,7 +105,7 @@ class TrainingEngine:
         )
         self.model = self.loaded.model
         self.processor = self.loaded.processor
-        self.hf_model = _unwrap_hf(self.model)
+        self.hf_model = placement.unwrap_hf(self.model)
         self.backbone = self.hf_model.model  # Qwen3VLModel: vision tower + language model
         hf_config = self.hf_model.config
         self.image_token_id: int = hf_config.image_token_id
@@ -149,7 +125,7 @@ class TrainingEngine:
         self._root: dist_utils.ShardedRoot | None = None
         # Second names of shared (tied) parameters, e.g. lm_head.weight: a gathered
         # state dict holds them as separate copies, which save_pretrained would keep.
-        self._tied_names = _duplicate_param_names(self.model)
+        self._tied_names = placement.duplicate_param_names(self.model)
         if self.dist.enabled:
             self._root = self._shard()
         # After sharding: fully_shard replaces every parameter with a DTensor shard.
@@ -308,47 +284,6 @@ class TrainingEngine:
             return logprobs_B_T + lp_N.sum() * 0.0
         return logprobs_B_T.masked_scatter(needed_B_T, lp_N)
 
-    @staticmethod
-    def _needed_positions(batch: Batch, loss_fn: str) -> torch.Tensor:
-        if loss_fn == "cross_entropy":
-            return batch.loss_inputs["weights"] != 0
-        if loss_fn in ("importance_sampling", "ppo"):
-            return batch.loss_inputs["advantages"] != 0
-        return batch.attention_mask_B_T.bool()
-
-    def _builtin_loss(
-        self, batch: Batch, logprobs_B_T: torch.Tensor, loss_fn: str, config: dict[str, float]
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        li = batch.loss_inputs
-        if loss_fn == "cross_entropy":
-            return losses.cross_entropy_loss(logprobs_B_T, li["weights"])
-        if loss_fn == "importance_sampling":
-            return losses.importance_sampling_loss(logprobs_B_T, li["logprobs"], li["advantages"])
-        if loss_fn == "ppo":
-            return losses.ppo_clip_loss(
-                logprobs_B_T,
-                li["logprobs"],
-                li["advantages"],
-                clip_low=float(config.get("clip_low_threshold", config.get("clip_low", 0.2))),
-                clip_high=float(config.get("clip_high_threshold", config.get("clip_high", 0.2))),
-            )
-        raise ValueError(f"unknown loss_fn {loss_fn!r}; built-ins: {sorted(losses.BUILTIN_LOSSES)}")
-
-    @staticmethod
-    def _per_datum(batch: Batch, values_B_T: torch.Tensor) -> list[torch.Tensor]:
-        return [values_B_T[b, start : start + n] for b, start, n in batch.segments]
-
-    @staticmethod
-    def _as_outputs(per_datum: list[torch.Tensor]) -> list[dict[str, TensorData]]:
-        return [
-            {
-                "logprobs": TensorData(
-                    data=t.detach().float().cpu().tolist(), dtype="float32", shape=[t.numel()]
-                )
-            }
-            for t in per_datum
-        ]
-
     def _run(
         self, datums: Sequence[Datum], loss_fn: str, config: dict[str, float] | None, backward: bool
     ) -> ForwardBackwardOutput:
@@ -358,25 +293,29 @@ class TrainingEngine:
         local: list[int] = []
         with torch.set_grad_enabled(backward):
             for idx, batch, padding in self._plan(datums):
-                logprobs_B_T = self.token_logprobs(batch, self._needed_positions(batch, loss_fn))
-                loss, mb_metrics = self._builtin_loss(batch, logprobs_B_T, loss_fn, config or {})
+                logprobs_B_T = self.token_logprobs(batch, dispatch.needed_positions(batch, loss_fn))
+                loss, mb_metrics = dispatch.builtin_loss(batch, logprobs_B_T, loss_fn, config or {})
                 if backward:
                     loss.backward()
                 if padding:
                     continue
-                for i, lp in zip(idx, self._per_datum(batch, logprobs_B_T.detach()), strict=True):
+                for i, lp in zip(
+                    idx, dispatch.per_datum(batch, logprobs_B_T.detach()), strict=True
+                ):
                     per_datum[i] = lp
                 local.extend(idx)
-                _merge_metrics(metrics, mb_metrics)
+                dispatch.merge_metrics(metrics, mb_metrics)
         if self.config.packing and local:
             metrics["packing_efficiency"] = self.last_packing_efficiency
         if self._root is not None:
             if not backward:
                 dist_utils.reshard_all(self._root)
             per_datum, metrics = dist_utils.gather_outputs(
-                per_datum, metrics, local, _merge_metrics
+                per_datum, metrics, local, dispatch.merge_metrics
             )
-        return ForwardBackwardOutput(loss_fn_outputs=self._as_outputs(per_datum), metrics=metrics)
+        return ForwardBackwardOutput(
+            loss_fn_outputs=dispatch.as_outputs(per_datum), metrics=metrics
+        )
 
     # ---- primitives -------------------------------------------------------------------
     def forward(
@@ -414,7 +353,7 @@ class TrainingEngine:
             if padding:
                 padding_terms.append(logprobs_B_T.sum() * 0.0)
                 continue
-            for i, lp in zip(idx, self._per_datum(batch, logprobs_B_T), strict=True):
+            for i, lp in zip(idx, dispatch.per_datum(batch, logprobs_B_T), strict=True):
                 per_datum[i] = lp
             local.extend(idx)
         if self._root is not None:
@@ -422,13 +361,15 @@ class TrainingEngine:
             # it on all logprobs: its own attached to the graph, the others' as
             # constants. Summing the ranks' gradients then gives the exact gradient.
             attached = {i: per_datum[i] for i in local}
-            per_datum, _ = dist_utils.gather_outputs(per_datum, {}, local, _merge_metrics)
+            per_datum, _ = dist_utils.gather_outputs(per_datum, {}, local, dispatch.merge_metrics)
             per_datum = [attached.get(i, lp) for i, lp in enumerate(per_datum)]
             per_datum = [lp.to(self.device) if lp is not None else None for lp in per_datum]
         loss, metrics = loss_fn(list(datums), per_datum)
         (loss + sum(padding_terms)).backward()
         metrics = {**metrics, "loss:sum": float(loss.detach())}
-        return ForwardBackwardOutput(loss_fn_outputs=self._as_outputs(per_datum), metrics=metrics)
+        return ForwardBackwardOutput(
+            loss_fn_outputs=dispatch.as_outputs(per_datum), metrics=metrics
+        )
 
     def reference_forward(
         self,
@@ -528,26 +469,3 @@ class TrainingEngine:
             save_model_dir(self.loaded, self.processor, Path(path), state_dict=full)
         dist_utils.barrier()
         return Path(path)
-
-
-def _duplicate_param_names(model: torch.nn.Module) -> list[str]:
-    seen: set[int] = set()
-    duplicates = []
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            duplicates.append(name)
-        seen.add(id(p))
-    return duplicates
-
-
-def _merge_metrics(into: dict[str, float], new: dict[str, float]) -> None:
-    """Combine micro-batch metrics by the reduction their name carries (``:sum``, ``:mean``)."""
-    for k, v in new.items():
-        if k not in into:
-            into[k] = v
-        elif k.endswith(":sum"):
-            into[k] += v
-        elif k.endswith(":max"):
-            into[k] = max(into[k], v)
-        else:  # means of micro-batch means: good enough for reporting
-            into[k] = (into[k] + v) / 2
