@@ -69,6 +69,20 @@ def pair_loss(datums: list, logprobs: list[torch.Tensor]) -> tuple[torch.Tensor,
     return -torch.nn.functional.logsigmoid(0.1 * margin), {}
 
 
+def without_weights(model_dir: Path, out: Path) -> Path:
+    """A copy of ``model_dir`` (and of the base an adapter names) with no weight files."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in model_dir.iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            data = f.read_text() if f.suffix == ".json" else None
+            if f.name == "adapter_config.json":
+                cfg = json.loads(data)
+                base = without_weights(tiny_model_dir(), out / "base")
+                data = json.dumps({**cfg, "base_model_name_or_path": str(base)})
+            (out / f.name).write_bytes(data.encode() if data is not None else f.read_bytes())
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, required=True)
@@ -79,10 +93,20 @@ def main() -> None:
     p.add_argument("--final", type=Path)
     p.add_argument("--custom", action="store_true")
     p.add_argument("--sample", action="store_true")
+    p.add_argument("--base", type=Path, help="model or adapter dir (default: the tiny model)")
+    p.add_argument(
+        "--weights-only-on-rank-0",
+        action="store_true",
+        help="other ranks get a copy of the model dir without its weight files",
+    )
     args = p.parse_args()
     torch.set_num_threads(1)
+    base = args.base or tiny_model_dir()
+    rank = int(os.environ.get("RANK", "0"))
+    if args.weights_only_on_rank_0 and rank != 0:
+        base = without_weights(base, args.out / f"model-rank-{rank}")
     config = EngineConfig(
-        base_model=str(tiny_model_dir()),
+        base_model=str(base),
         mode=args.mode,
         lora_rank=4,
         # Everything trains, the tied embedding / LM head and the vision tower included.
@@ -97,7 +121,12 @@ def main() -> None:
     engine = TrainingEngine(config)
     tc = TrainingClient(engine, args.out)
     datums = rows(tc)
-    result: dict = {"rank": engine.dist.rank, "world_size": engine.dist.world_size, "steps": {}}
+    result: dict = {
+        "rank": engine.dist.rank,
+        "world_size": engine.dist.world_size,
+        "weight_files": sorted(p.name for p in Path(base).glob("*.safetensors")),
+        "steps": {},
+    }
     start = 0
     if args.resume:
         start = int(engine.load_state(args.resume)["step"])

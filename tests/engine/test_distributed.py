@@ -55,7 +55,10 @@ def full_runs(tmp_path_factory, tiny_dir):
     root = tmp_path_factory.mktemp("full")
     one = run_worker(1, root / "one", "--steps", "4", "--final", str(root / "one" / "final"))
     two = run_worker(
-        2, root / "two", "--steps", "4", "--save-at", "2", "--final", str(root / "two" / "final")
+        2,
+        root / "two",
+        *("--steps", "4", "--save-at", "2", "--final", str(root / "two" / "final")),
+        "--weights-only-on-rank-0",
     )
     resumed = run_worker(
         1, root / "resumed", "--steps", "4", "--resume", str(root / "two" / "step-2")
@@ -68,6 +71,15 @@ def test_two_ranks_give_the_one_rank_curve_full_finetuning(full_runs):
     assert two[0]["world_size"] == 2
     assert_same_curve(one, two[0], [1, 2, 3, 4])
     assert two[0]["steps"] == two[1]["steps"]  # every rank reports the global numbers
+
+
+def test_only_rank_0_reads_the_weights(full_runs):
+    """Rank 1 ran from a copy of the model dir with no weight files (it builds the
+    model on the meta device and receives rank 0's weights): the curve is still the
+    one-process curve, which it could not be if rank 1 had started from anything else."""
+    _, _, two, _ = full_runs
+    assert two[0]["weight_files"] == ["model.safetensors"]
+    assert two[1]["weight_files"] == []
 
 
 def test_sharded_checkpoint_resumes_on_one_rank(full_runs):
@@ -115,3 +127,20 @@ def test_lora_two_ranks_match_one_rank_with_a_coupled_custom_loss_and_sampling(t
     # Every rank returns rank 0's samples (RL recipes then build the same batch).
     assert two[0]["samples"] == two[1]["samples"]
     assert [len(r) for r in two[0]["samples"]] == [2, 2]
+
+
+def test_lora_adapter_dir_continues_on_two_ranks_with_weights_only_on_rank_0(tmp_path, tiny_dir):
+    """Continuing a saved adapter: rank 1 sees neither the adapter's weights nor the
+    base model's, and the 2-rank curve still equals the 1-rank one."""
+    adapter = tmp_path / "first" / "final"
+    first = run_worker(
+        1, tmp_path / "first", "--mode", "lora", "--steps", "2", "--final", str(adapter)
+    )
+    args = ("--mode", "lora", "--steps", "2", "--base", str(adapter))
+    one = run_worker(1, tmp_path / "one", *args)[0]
+    two = run_worker(2, tmp_path / "two", *args, "--weights-only-on-rank-0")
+    assert two[0]["weight_files"] == ["adapter_model.safetensors"]
+    assert two[1]["weight_files"] == []
+    assert_same_curve(one, two[0], [1, 2])
+    # Same data as the first run's step 1, but the trained adapter: a lower loss.
+    assert one["steps"]["1"][0] < first[0]["steps"]["1"][0]

@@ -151,6 +151,34 @@ def shard_model(
     return root
 
 
+def materialize_from_main(
+    root: nn.Module,
+    model: nn.Module,
+    full_state_dict: dict[str, torch.Tensor],
+    device: torch.device,
+    cpu_offload: bool,
+) -> None:
+    """Fill every rank's shards from rank 0's full weights. Collective.
+
+    Ranks other than 0 built ``model`` on the meta device (no weights read), so only
+    rank 0 ever holds the whole model, in host memory, and only until this returns.
+    Each tensor goes out by broadcast and every rank keeps its own shard of it.
+    Buffers (e.g. rotary ``inv_freq``, not in the state dict) are broadcast too.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(t.is_meta for t in root.parameters()) or any(t.is_meta for t in root.buffers()):
+        # Sharded parameters live in host memory under CPU offload; buffers never do.
+        root.to_empty(device=torch.device("cpu") if cpu_offload else device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full_state_dict, options=options)
+    for module in root.modules():
+        for name, buf in module.named_buffers(recurse=False):
+            on_device = buf.to(device)
+            dist.broadcast(on_device, src=0)
+            setattr(module, name, on_device)  # a registered buffer stays registered
+
+
 def reshard_all(root: nn.Module) -> None:
     """Free gathered parameters after a pass that had no backward (eval, sampling).
 

@@ -83,8 +83,9 @@ class TrainingEngine:
             if config.mode == "qlora":
                 raise ValueError("qlora cannot be sharded with FSDP; use one GPU, or mode 'lora'")
             # Sharded full fine-tuning keeps fp32 master weights (FSDP computes in
-            # self.dtype); the model is loaded on the CPU and fully_shard moves it to the
-            # GPU one layer at a time, so no GPU ever holds the whole model.
+            # self.dtype). Rank 0 reads the weights into host memory, the other ranks
+            # build the model on the meta device; after sharding, rank 0 broadcasts
+            # (``_shard``), so no GPU and no other process holds the whole model.
             load_device = torch.device("cpu")
             if config.mode == "full":
                 load_dtype = torch.float32
@@ -102,6 +103,7 @@ class TrainingEngine:
             gradient_checkpointing=config.gradient_checkpointing,
             min_pixels=config.min_pixels,
             max_pixels=config.max_pixels,
+            structure_only=self.dist.enabled and not self.dist.is_main,
         )
         self.model = self.loaded.model
         self.processor = self.loaded.processor
@@ -149,7 +151,11 @@ class TrainingEngine:
             reshard_after_forward=c.fsdp_reshard_after_forward,
             cpu_offload=c.fsdp_cpu_offload,
         )
+        # Rank 0's full weights, kept (by reference) past sharding to broadcast them.
+        full = self.model.state_dict() if self.dist.is_main else {}
         root = dist_utils.shard_model(self.model, self.hf_model, self.device, settings)
+        dist_utils.materialize_from_main(root, self.model, full, self.device, c.fsdp_cpu_offload)
+        del full
         # transformers' generate() then keeps every rank stepping until all are done.
         self.hf_model._is_fsdp_managed_module = True
         return root

@@ -126,10 +126,15 @@ def load_model(
     gradient_checkpointing: bool = False,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
+    structure_only: bool = False,
 ) -> LoadedModel:
     """Load model + processor, set what trains, and wrap in LoRA for lora/qlora.
 
     ``min_pixels``/``max_pixels`` default to the model spec's training limits.
+
+    ``structure_only`` reads no weights: the same modules (LoRA adapters included) are
+    built on the meta device, for FSDP ranks that receive rank 0's weights after
+    sharding, so that only one process per job holds the whole model in host memory.
     """
     from transformers import AutoModelForImageTextToText
 
@@ -166,19 +171,30 @@ def load_model(
             llm_int8_skip_modules=["visual", "lm_head"],
         )
         kwargs["device_map"] = {"": torch.device(device).index or 0}
-    model = AutoModelForImageTextToText.from_pretrained(str(path), **kwargs)
-    if mode != "qlora":
-        model.to(device)
+    if structure_only:
+        if mode == "qlora":
+            raise ValueError("qlora models cannot be built without their weights")
+        model = _build_on_meta(path, dtype)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(str(path), **kwargs)
+        if mode != "qlora":
+            model.to(device)
     base_name = spec.name if not Path(spec.name).is_dir() else str(path)
     if adapter_dir is not None:
-        from peft import PeftModel
+        from peft import LoraConfig, PeftModel, get_peft_model
 
         if mode == "full":  # inference or full fine-tuning from a LoRA checkpoint: fold it in
-            model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+            if not structure_only:  # merged, the structure is the base model's
+                model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
         else:  # keep training the same adapter (its rank and targets win over the arguments)
             for p in model.parameters():
                 p.requires_grad_(False)
-            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+            if structure_only:
+                adapter_config = LoraConfig.from_pretrained(str(adapter_dir))
+                adapter_config.inference_mode = False
+                model = get_peft_model(model, adapter_config)
+            else:
+                model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
             if gradient_checkpointing and mode != "qlora":
                 _enable_checkpointing(model)
             return LoadedModel(model, processor, spec, path, mode, base_name)
@@ -212,6 +228,15 @@ def load_model(
         model = get_peft_model(model, config)
         model.peft_config["default"].base_model_name_or_path = base_name
     return LoadedModel(model, processor, spec, path, mode, base_name)
+
+
+def _build_on_meta(path: Path, dtype: torch.dtype) -> nn.Module:
+    """The checkpoint's model with every parameter and buffer on the meta device."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(str(path))
+    with torch.device("meta"):
+        return AutoModelForImageTextToText.from_config(config, dtype=dtype)
 
 
 def _enable_checkpointing(model: Any) -> None:
