@@ -60,7 +60,7 @@ def test_packed_row_logprobs_equal_each_example_alone(engines):
     assert together.metrics["packing_efficiency"] == pytest.approx(
         sum(d.model_input.length for d in datums) / 4096
     )
-    batch = packed._micro_batches(datums)
+    batch = packed._plan(datums)
     assert len(batch) == 1 and batch[0][1].packed  # all three in one row
     for datum, out in zip(datums, together.loss_fn_outputs, strict=True):
         alone = plain.forward([datum]).loss_fn_outputs[0]["logprobs"].to_torch()

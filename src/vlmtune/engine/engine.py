@@ -16,9 +16,9 @@ import torch
 
 from vlmtune.engine import dispatch, placement
 from vlmtune.engine import distributed as dist_utils
-from vlmtune.engine.batching import Batch, collate, pack_rows, packing_efficiency
+from vlmtune.engine.batching import Batch, collate, packing_efficiency
 from vlmtune.engine.checkpoint import load_training_state, save_training_state
-from vlmtune.engine.logprobs import selected_token_logprobs
+from vlmtune.engine.forward import ForwardPass
 from vlmtune.engine.sampling import generate
 from vlmtune.models.loading import LoadedModel, load_model, save_model_dir
 from vlmtune.models.vision import ImagePreprocessor
@@ -133,6 +133,14 @@ class TrainingEngine:
         # After sharding: fully_shard replaces every parameter with a DTensor shard.
         self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
         self.vision_trainable = any(p.requires_grad for p in self.backbone.visual.parameters())
+        self._forward = ForwardPass(
+            self.backbone,
+            self.hf_model.lm_head,
+            self.dtype,
+            self.spatial_merge,
+            self.vision_trainable,
+            sharded=self._root is not None,
+        )
         self.optimizer: torch.optim.AdamW | None = None
         self.step = 0
         self.last_packing_efficiency = 1.0
@@ -167,14 +175,13 @@ class TrainingEngine:
         return self._root(fn, *args, **kwargs)
 
     def _plan(self, datums: Sequence[Datum]) -> list[tuple[list[int], Batch, bool]]:
-        """(datum indices, batch, is_padding) per micro-batch of this rank.
+        """(datum indices, batch, is_padding) per micro-batch of this process.
 
-        One process: every micro-batch. Under torchrun: this rank's share, plus
-        zero-weight copies of the global batch's shortest datum so that every rank
-        runs as many forward/backward passes as the busiest one.
+        Packed: each row of up to ``max_row_tokens`` is one micro-batch; otherwise
+        ``micro_batch_size`` examples, right-padded. Under torchrun each rank takes its
+        share of the global batch, plus zero-weight copies of the shortest datum so
+        that every rank runs as many forward/backward passes as the busiest one.
         """
-        if not self.dist.enabled:
-            return [(idx, batch, False) for idx, batch in self._micro_batches(datums)]
         lengths = [d.model_input.length for d in datums]
         groups, n_pad = dist_utils.plan_rank_groups(
             lengths,
@@ -211,84 +218,10 @@ class TrainingEngine:
             rows=rows,
         ).to(self.device)
 
-    def _micro_batches(self, datums: Sequence[Datum]) -> list[tuple[list[int], Batch]]:
-        """(original datum indices, collated batch) per micro-batch.
-
-        Packed: each row of up to ``max_row_tokens`` is one micro-batch. Otherwise
-        ``micro_batch_size`` examples, right-padded.
-        """
-        if self.config.packing:
-            lengths = [d.model_input.length for d in datums]
-            rows = pack_rows(lengths, self.config.max_row_tokens)
-            self.last_packing_efficiency = packing_efficiency(
-                lengths, rows, self.config.max_row_tokens
-            )
-            groups = rows
-        else:
-            mb = max(1, self.config.micro_batch_size)
-            groups = [list(range(i, min(i + mb, len(datums)))) for i in range(0, len(datums), mb)]
-        out = []
-        for idx in groups:
-            members = [datums[i] for i in idx]
-            rows_arg = [list(range(len(idx)))] if self.config.packing else None
-            out.append((idx, self.collate(members, rows_arg)))
-        return out
-
     # ---- the forward pass -------------------------------------------------------------
-    def _hidden_states(self, batch: Batch) -> torch.Tensor:
-        kwargs: dict[str, Any] = {
-            "input_ids": batch.input_ids_B_T,
-            # Packed rows pass no mask: transformers then builds a block-diagonal causal
-            # mask (or varlen flash-attention) from the restarting text positions.
-            "attention_mask": None if batch.packed else batch.attention_mask_B_T,
-            "position_ids": batch.position_ids_4_B_T,
-            # A KV cache (on by default) also switches off transformers' packed-row mask.
-            "use_cache": False,
-        }
-        if batch.pixel_values is not None:
-            pixel_values = batch.pixel_values.to(self.dtype)
-            if self.vision_trainable:
-                kwargs["pixel_values"] = pixel_values
-                kwargs["image_grid_thw"] = batch.image_grid_thw
-            else:
-                # A frozen tower needs no activations kept for backward.
-                with torch.no_grad():
-                    encoded = self.backbone.get_image_features(
-                        pixel_values, batch.image_grid_thw, return_dict=True
-                    )
-                kwargs["mm_encoder_outputs"] = {"image": encoded}
-        elif self._root is not None:
-            # Enter the (blank-image) vision output where real image features enter, in
-            # the input embeddings: then every rank runs the vision blocks before the
-            # language layers, and their backward after it, in the same order.
-            input_ids = kwargs.pop("input_ids")
-            embeds = self.backbone.get_input_embeddings()(input_ids)
-            with torch.set_grad_enabled(torch.is_grad_enabled() and self.vision_trainable):
-                blank = dist_utils.blank_image_term(self.backbone, self.spatial_merge, self.dtype)
-            kwargs["inputs_embeds"] = embeds + blank.to(embeds.dtype)
-        return self.backbone(**kwargs).last_hidden_state  # (B, T, H)
-
     def token_logprobs(self, batch: Batch, needed_B_T: torch.Tensor) -> torch.Tensor:
         """``log p(target_t)`` at the ``needed`` positions, zeros elsewhere; (B, T) fp32."""
-        return self._in_root(self._token_logprobs, batch, needed_B_T)
-
-    def _token_logprobs(self, batch: Batch, needed_B_T: torch.Tensor) -> torch.Tensor:
-        hidden_B_T_H = self._hidden_states(batch)
-        needed_B_T = needed_B_T & batch.attention_mask_B_T.bool()
-        anchor = None
-        if self._root is not None and torch.is_grad_enabled() and not bool(needed_B_T.any()):
-            # A zero-weight micro-batch still has to reach the LM head in backward, or
-            # this rank's reduce-scatter would cover fewer parameters than the others'.
-            anchor = torch.zeros_like(needed_B_T)
-            anchor[0, 0] = True
-        selected = needed_B_T if anchor is None else anchor
-        lp_N = selected_token_logprobs(
-            hidden_B_T_H[selected], self.hf_model.lm_head, batch.targets_B_T[selected]
-        )
-        logprobs_B_T = torch.zeros(needed_B_T.shape, dtype=torch.float32, device=lp_N.device)
-        if anchor is not None:
-            return logprobs_B_T + lp_N.sum() * 0.0
-        return logprobs_B_T.masked_scatter(needed_B_T, lp_N)
+        return self._in_root(self._forward.token_logprobs, batch, needed_B_T)
 
     def _run(
         self, datums: Sequence[Datum], loss_fn: str, config: dict[str, float] | None, backward: bool
