@@ -27,6 +27,7 @@ EXPECTED = [
     "Qwen/Qwen3-VL-30B-A3B-Instruct",
     "Qwen/Qwen3-VL-235B-A22B-Instruct",
     "tiny-qwen3-vl",
+    "tiny-qwen3-vl-moe",
 ]
 
 

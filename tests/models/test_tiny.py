@@ -141,7 +141,7 @@ def test_losing_the_build_race_uses_the_winner(
 ) -> None:
     target = tmp_path / f"tiny-qwen3-vl-{tiny_mod.TINY_MODEL_VERSION}"
 
-    def fake_build(out_dir: Path) -> None:
+    def fake_build(out_dir: Path, *, moe: bool = False) -> None:
         (out_dir / "config.json").write_text("{}")
         (out_dir / "loser").write_text("")
         # Another process finishes first while we are still building.

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from vlmtune.models.registry import ModelSpec, UnknownModelError, get_model_spec, spec_from_dir
-from vlmtune.models.tiny import TINY_MODEL_NAME, tiny_model_dir
+from vlmtune.models.tiny import TINY_MODEL_NAME, TINY_MOE_MODEL_NAME, tiny_model_dir
 
 Mode = Literal["full", "lora", "qlora"]
 
@@ -49,6 +49,8 @@ def resolve_model_path(name_or_path: str) -> Path:
     """A local directory for a model name, directory, or hub id; never downloads."""
     if name_or_path.strip().lower() in (TINY_MODEL_NAME, "tiny"):
         return tiny_model_dir()
+    if name_or_path.strip().lower() in (TINY_MOE_MODEL_NAME, "tiny-moe"):
+        return tiny_model_dir(moe=True)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path

@@ -13,7 +13,12 @@ import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from vlmtune.models.tiny import TINY_MAX_PIXELS, TINY_MIN_PIXELS, TINY_MODEL_NAME
+from vlmtune.models.tiny import (
+    TINY_MAX_PIXELS,
+    TINY_MIN_PIXELS,
+    TINY_MODEL_NAME,
+    TINY_MOE_MODEL_NAME,
+)
 
 # Training defaults for real checkpoints, in pixels with Qwen3-VL's 32-px merged patch
 # (patch 16 x merge 2): at least 64 image tokens (the processor's own minimum, 256x256)
@@ -90,6 +95,17 @@ TINY_SPEC = ModelSpec(
     aliases=("tiny",),
 )
 
+# The MoE tiny: 786,432 expert weights, half of them active per token.
+TINY_MOE_SPEC = replace(
+    TINY_SPEC,
+    name=TINY_MOE_MODEL_NAME,
+    processor_id=TINY_MOE_MODEL_NAME,
+    params=21_718_272,
+    active_params=21_325_056,
+    is_moe=True,
+    aliases=("tiny-moe",),
+)
+
 _SPECS: tuple[ModelSpec, ...] = (
     _qwen("2B", 2.13, hidden=2048, layers=28),
     _qwen("4B", 4.44, hidden=2560, layers=36),
@@ -99,6 +115,7 @@ _SPECS: tuple[ModelSpec, ...] = (
     # 236B bf16 weights are ~470 GB: LoRA needs the weights sharded over 8 x 80 GB.
     _qwen("235B-A22B", 236.0, active=22.0, hidden=4096, layers=94, min_gpus=8),
     TINY_SPEC,
+    TINY_MOE_SPEC,
 )
 
 _BY_KEY: dict[str, ModelSpec] = {}
@@ -169,8 +186,10 @@ def spec_from_dir(path: Path) -> ModelSpec:
 
 
 def _known_spec_for_dir(path: Path) -> ModelSpec | None:
-    if (path / "vlmtune_tiny.json").is_file():
-        return TINY_SPEC
+    marker = path / "vlmtune_tiny.json"
+    if marker.is_file():
+        name = json.loads(marker.read_text()).get("name")
+        return TINY_MOE_SPEC if name == TINY_MOE_MODEL_NAME else TINY_SPEC
     # A Hugging Face cache snapshot: .../models--Qwen--Qwen3-VL-8B-Instruct/snapshots/<sha>
     for part in path.resolve().parts:
         m = re.fullmatch(r"models--(.+?)--(.+)", part)

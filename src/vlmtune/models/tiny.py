@@ -28,6 +28,9 @@ from vlmtune.models.constants import (
 )
 
 TINY_MODEL_NAME = "tiny-qwen3-vl"
+# The same model with sparse MoE blocks (Qwen3VLMoeForConditionalGeneration): the fused
+# 3-D expert weights, top-k router and per-layer sparse blocks of 30B-A3B / 235B-A22B.
+TINY_MOE_MODEL_NAME = "tiny-qwen3-vl-moe"
 # Bump when anything that goes into the directory changes, so old caches are not reused.
 TINY_MODEL_VERSION = "v2"
 TINY_SEED = 1234
@@ -71,6 +74,15 @@ TEXT_CONFIG: dict[str, Any] = {
     "tie_word_embeddings": True,
 }
 
+# Four experts of width 128, two per token: the MoE layers hold as many weights as
+# the dense tiny's 512-wide MLPs and run half of them.
+MOE_TEXT_CONFIG: dict[str, Any] = {
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 128,
+    "decoder_sparse_step": 1,
+}
+
 VISION_CONFIG: dict[str, Any] = {
     "depth": 2,
     "hidden_size": 128,
@@ -108,22 +120,23 @@ def default_cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "vlmtune"
 
 
-def tiny_model_dir(cache_dir: Path | None = None) -> Path:
-    """Return the tiny model's directory, building it on first use.
+def tiny_model_dir(cache_dir: Path | None = None, *, moe: bool = False) -> Path:
+    """Return the tiny model's directory (``moe``: the MoE variant), building it on first use.
 
     ``cache_dir`` is the cache root (default ``$VLMTUNE_CACHE`` or ``~/.cache/vlmtune``);
-    the model lives in ``<root>/tiny-qwen3-vl-<version>``. The build happens in a temp dir next
+    the model lives in ``<root>/tiny-qwen3-vl[-moe]-<version>``. The build happens in a temp dir next
     to it and is renamed into place, so a reader never sees a half-written model and
     concurrent builders (pytest-xdist, torchrun ranks) agree on one winner.
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_root()
-    target = root / f"{TINY_MODEL_NAME}-{TINY_MODEL_VERSION}"
+    name = TINY_MOE_MODEL_NAME if moe else TINY_MODEL_NAME
+    target = root / f"{name}-{TINY_MODEL_VERSION}"
     if (target / "config.json").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
     try:
-        build_tiny_model(tmp)
+        build_tiny_model(tmp, moe=moe)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
         try:
             os.rename(tmp, target)
@@ -137,11 +150,11 @@ def tiny_model_dir(cache_dir: Path | None = None) -> Path:
     return target
 
 
-def tiny_config() -> Any:
-    from transformers import Qwen3VLConfig
+def tiny_config(moe: bool = False) -> Any:
+    from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
 
-    return Qwen3VLConfig(
-        text_config=dict(TEXT_CONFIG),
+    return (Qwen3VLMoeConfig if moe else Qwen3VLConfig)(
+        text_config={**TEXT_CONFIG, **(MOE_TEXT_CONFIG if moe else {})},
         vision_config=dict(VISION_CONFIG),
         image_token_id=IMAGE_PAD_ID,
         video_token_id=VIDEO_PAD_ID,
@@ -186,17 +199,18 @@ def build_tiny_processor(out_dir: Path) -> Any:
     return processor
 
 
-def build_tiny_model(out_dir: Path) -> None:
+def build_tiny_model(out_dir: Path, *, moe: bool = False) -> None:
     """Build the whole model directory into ``out_dir`` (deterministic: fixed seed)."""
     import torch
-    from transformers import Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
 
     out_dir.mkdir(parents=True, exist_ok=True)
     build_tiny_processor(out_dir)
     # fork_rng: building the cache must not change the caller's random stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
-        model = Qwen3VLForConditionalGeneration(tiny_config()).to(torch.float32)
+        model_class = Qwen3VLMoeForConditionalGeneration if moe else Qwen3VLForConditionalGeneration
+        model = model_class(tiny_config(moe)).to(torch.float32)
     with torch.no_grad():
         model.model.language_model.norm.weight.fill_(TINY_FINAL_NORM_GAIN)
     model.save_pretrained(str(out_dir), safe_serialization=True)
@@ -204,7 +218,7 @@ def build_tiny_model(out_dir: Path) -> None:
     (out_dir / "vlmtune_tiny.json").write_text(
         json.dumps(
             {
-                "name": TINY_MODEL_NAME,
+                "name": TINY_MOE_MODEL_NAME if moe else TINY_MODEL_NAME,
                 "version": TINY_MODEL_VERSION,
                 "seed": TINY_SEED,
                 "final_norm_gain": TINY_FINAL_NORM_GAIN,

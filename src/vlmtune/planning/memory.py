@@ -112,8 +112,9 @@ class ModelDims:
         """Adapter parameters of peft on every language-model linear (and vision ones)."""
         h, q, kv = self.hidden, self.q_dim, self.kv_dim
         attn = (h + q) + 2 * (h + kv) + (q + h)
-        # MoE experts are fused 3-D weights, not nn.Linear: only the router gets one.
-        mlp = (h + self.experts) if self.experts else 3 * (h + self.intermediate)
+        # MoE experts are fused 3-D weights and the router a bare parameter, neither an
+        # nn.Linear: on MoE layers only attention gets adapters.
+        mlp = 0 if self.experts else 3 * (h + self.intermediate)
         n = rank * self.layers * (attn + mlp)
         if vision:
             vh, vi = self.vision_hidden, self.vision_intermediate
@@ -195,15 +196,22 @@ def dims_from_config(config: dict) -> ModelDims:
 def dims_for(model: str) -> ModelDims:
     """Dims of a registry model, the tiny model, or a local checkpoint directory."""
     from vlmtune.models.registry import get_model_spec
-    from vlmtune.models.tiny import TEXT_CONFIG, TINY_MODEL_NAME, VISION_CONFIG
+    from vlmtune.models.tiny import (
+        MOE_TEXT_CONFIG,
+        TEXT_CONFIG,
+        TINY_MODEL_NAME,
+        TINY_MOE_MODEL_NAME,
+        VISION_CONFIG,
+    )
 
     spec = get_model_spec(model)
     if spec.name in KNOWN_DIMS:
         return KNOWN_DIMS[spec.name]
-    if spec.name == TINY_MODEL_NAME:
+    if spec.name in (TINY_MODEL_NAME, TINY_MOE_MODEL_NAME):
+        moe = spec.name == TINY_MOE_MODEL_NAME
         return dims_from_config(
             {
-                "text_config": TEXT_CONFIG,
+                "text_config": {**TEXT_CONFIG, **(MOE_TEXT_CONFIG if moe else {})},
                 "vision_config": VISION_CONFIG,
                 "tie_word_embeddings": True,
             }
@@ -281,6 +289,11 @@ def estimate_memory(
         trainable = P - (vision if freeze_vision else 0) - (embed if freeze_embeddings else 0)
     else:
         trainable = dims.lora_params(lora_rank, vision=not freeze_vision)
+    if mode != "full" and dims.experts:
+        notes.append(
+            "LoRA adapts attention only on MoE layers (the experts are fused 3-D weights); "
+            "use mode full to train the experts"
+        )
     if mode == "qlora" and sharded:
         notes.append("qlora is single-GPU only in this engine (not sharded)")
 
