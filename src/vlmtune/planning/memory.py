@@ -290,10 +290,7 @@ def estimate_memory(
     else:
         trainable = dims.lora_params(lora_rank, vision=not freeze_vision)
     if mode != "full" and dims.experts:
-        notes.append(
-            "LoRA adapts attention only on MoE layers (the experts are fused 3-D weights); "
-            "use mode full to train the experts"
-        )
+        notes.append("MoE: LoRA adapts attention only (fused experts train in mode full)")
     if mode == "qlora" and sharded:
         notes.append("qlora is single-GPU only in this engine (not sharded)")
 
