@@ -1,7 +1,7 @@
 """SFT on a random-weight Qwen3-VL of a real size, one or more processes (FSDP2).
 
-    .venv/bin/python benchmarks/fsdp_sft.py --size 2b --seq 4096 --steps 8          # 1 GPU
-    .venv/bin/python benchmarks/fsdp_sft.py --size 2b --nproc 2 --steps 3 ...       # FSDP2
+    .venv/bin/python benchmarks/fsdp_sft.py --size 2b --seq 4096 --fsdp     # FSDP2, 1 GPU
+    .venv/bin/python benchmarks/fsdp_sft.py --size 2b --nproc 2 ...          # FSDP2, 2 GPUs
 
 The model is built from the published dimensions of the size asked for
 (``vlmtune.planning.memory.KNOWN_DIMS``; ``--layers`` shrinks the language model for a
@@ -159,6 +159,7 @@ def run(args: argparse.Namespace) -> None:
             max_row_tokens=args.seq,
             gradient_checkpointing=args.checkpointing,
             freeze_embeddings=args.freeze_embeddings,
+            fsdp=args.fsdp,
             min_pixels=448 * 448,
             max_pixels=448 * 448,
         )
@@ -198,6 +199,7 @@ def run(args: argparse.Namespace) -> None:
         mode=args.mode,
         context=args.seq,
         world_size=world,
+        fsdp=engine.dist.enabled,
         device="cuda" if cuda else "cpu",
         activation_checkpointing=args.checkpointing,
         freeze_embeddings=args.freeze_embeddings,
@@ -240,6 +242,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=4096, help="tokens per row (per process)")
     p.add_argument("--steps", type=int, default=8, help="timed steps (after one warm-up)")
     p.add_argument("--nproc", type=int, default=1, help="processes (torchrun, FSDP2 if > 1)")
+    p.add_argument("--fsdp", action="store_true", help="FSDP2 even in one process")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     p.add_argument("--freeze-embeddings", action="store_true")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even if CUDA is there")
@@ -252,6 +255,7 @@ def main() -> None:
         *("--mode", args.mode, "--seq", str(args.seq), "--steps", str(args.steps)),
         *("--model-dir", args.model_dir),
         *(["--checkpointing"] if args.checkpointing else []),
+        *(["--fsdp"] if args.fsdp else []),
         *(["--freeze-embeddings"] if args.freeze_embeddings else []),
         *(["--cpu"] if args.cpu else []),
     ]

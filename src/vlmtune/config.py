@@ -53,7 +53,14 @@ class ComputeConfig(_Section):
     reduce_dtype: Literal["fp32", "bf16"] = Field(
         "fp32", description="FSDP gradient reduce-scatter dtype (GPU)"
     )
-    cpu_offload: bool = Field(False, description="FSDP: shards and optimizer state in host memory")
+    cpu_offload: bool = Field(
+        False, description="FSDP: shards and optimizer state in host memory (implies fsdp)"
+    )
+    fsdp: bool = Field(
+        False,
+        description="FSDP2 in one process too: fp32 master weights under bf16 compute "
+        "(several processes always use it)",
+    )
 
     @property
     def shape_name(self) -> str | None:

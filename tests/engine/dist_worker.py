@@ -99,6 +99,7 @@ def main() -> None:
         action="store_true",
         help="other ranks get a copy of the model dir without its weight files",
     )
+    p.add_argument("--fsdp", action="store_true", help="FSDP2 even in one process")
     args = p.parse_args()
     torch.set_num_threads(1)
     base = args.base or tiny_model_dir()
@@ -117,6 +118,7 @@ def main() -> None:
         min_pixels=4096,
         max_pixels=4096,
         device="cpu",
+        fsdp=args.fsdp,
     )
     engine = TrainingEngine(config)
     tc = TrainingClient(engine, args.out)
@@ -125,6 +127,8 @@ def main() -> None:
         "rank": engine.dist.rank,
         "world_size": engine.dist.world_size,
         "weight_files": sorted(p.name for p in Path(base).glob("*.safetensors")),
+        # "DTensor" when FSDP2 sharded the model, else "Parameter".
+        "param_type": type(next(engine.model.parameters()).data).__name__,
         "steps": {},
     }
     start = 0

@@ -71,6 +71,22 @@ def test_two_ranks_give_the_one_rank_curve_full_finetuning(full_runs):
     assert two[0]["world_size"] == 2
     assert_same_curve(one, two[0], [1, 2, 3, 4])
     assert two[0]["steps"] == two[1]["steps"]  # every rank reports the global numbers
+    assert two[0]["param_type"] == two[1]["param_type"] == "DTensor"
+
+
+def test_fsdp_in_one_process_gives_the_same_curve_and_a_sharded_checkpoint(full_runs, tmp_path):
+    """``fsdp = true`` without torchrun: a group of one (in-memory store, no port), the
+    model sharded by FSDP2 all the same; its checkpoint resumes in a plain process."""
+    _, one, _, _ = full_runs
+    alone = run_worker(1, tmp_path / "alone", "--fsdp", "--steps", "2", "--save-at", "2")[0]
+    assert alone["world_size"] == 1
+    assert (one["param_type"], alone["param_type"]) == ("Tensor", "DTensor")
+    assert_same_curve(one, alone, [1, 2])
+    assert (tmp_path / "alone" / "step-2" / "dcp" / "__0_0.distcp").is_file()
+    resumed = run_worker(
+        1, tmp_path / "resumed", "--steps", "4", "--resume", str(tmp_path / "alone" / "step-2")
+    )
+    assert_same_curve(one, resumed[0], [3, 4])
 
 
 def test_only_rank_0_reads_the_weights(full_runs):

@@ -120,3 +120,15 @@ def test_sharding_checkpointing_and_qlora_move_memory_the_right_way():
     assert offload.optimizer == 0 and offload.host > 0 and offload.total < four.total
     lora_ac = estimate_memory(dims, mode="lora", context=8192, activation_checkpointing=True)
     assert one.total > 80 * GIB > lora_ac.total
+
+
+def test_fsdp_in_one_process_is_planned_as_sharded():
+    """``[compute] fsdp`` in one process: fp32 master weights and AdamW state (8 bytes a
+    parameter, against bf16's 4), all on the one GPU."""
+    dims = dims_for("qwen3-vl-2b")
+    plain = estimate_memory(dims, mode="full", context=4096)
+    alone = estimate_memory(dims, mode="full", context=4096, fsdp=True)
+    assert alone.optimizer == 2 * plain.optimizer
+    assert alone.weights > plain.weights  # fp32 shards + the gathered bf16 root and layers
+    offload = estimate_memory(dims, mode="full", context=4096, cpu_offload=True)
+    assert offload.optimizer == 0 and offload.host > 0

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,6 +80,23 @@ def test_nproc_2_run_equals_one_process_and_only_rank_0_writes(tmp_path, tiny_di
     evals = [r for r in records(tmp_path / "two") if "eval/loss" in r]
     assert len(evals) == 1
     assert evals[0]["eval/loss"] == pytest.approx(records(tmp_path / "one")[-1]["eval/loss"], 1e-4)
+
+    # FSDP2 in one process ([compute] fsdp, here as an override), in a fresh process so
+    # that its process group of one does not outlive the test.
+    alone = subprocess.run(
+        [sys.executable, "-c", "from vlmtune.cli import main; main()"]
+        + [*base, str(tmp_path / "alone"), "compute.fsdp=true"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert alone.returncode == 0, alone.stdout[-3000:] + alone.stderr[-3000:]
+    assert "FSDP2 over 1 process)" in alone.stdout + alone.stderr
+    assert "model tiny-qwen3-vl (lora; cpu float32):" in one.output  # not sharded
+    steps_alone = [r for r in records(tmp_path / "alone") if "loss" in r]
+    for a, b in zip(steps_one, steps_alone, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
 
     shards = sorted(p.name for p in (tmp_path / "two/checkpoints/step-2/dcp").glob("*.distcp"))
     assert shards == ["__0_0.distcp", "__1_0.distcp"]

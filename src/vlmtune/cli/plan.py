@@ -94,6 +94,7 @@ def _job_settings(job: JobFile, nproc: int | None) -> dict[str, Any]:
         "precision": "fp32" if on_cpu or t.precision == "fp32" else "bf16",
         "lora_rank": job.lora.r,
         "cpu_offload": c.cpu_offload,
+        "fsdp": c.fsdp or c.cpu_offload,
         "reshard_after_forward": c.sharding == "full_shard",
         "reduce_dtype": c.reduce_dtype,
         "freeze_vision": job.model.freeze_vision_tower and job.model.freeze_projector,

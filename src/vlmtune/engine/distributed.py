@@ -37,10 +37,12 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    fsdp_alone: bool = False  # FSDP2 asked for in a single process (a 1-rank group)
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """True when the model is sharded with FSDP2 (and collectives run)."""
+        return self.world_size > 1 or self.fsdp_alone
 
     @property
     def is_main(self) -> bool:
@@ -64,17 +66,25 @@ def is_main_process() -> bool:
     return env_info().is_main
 
 
-def init_distributed(device: torch.device) -> DistInfo:
-    """Join torchrun's process group (nccl on CUDA, gloo on CPU); a no-op for one process."""
+def init_distributed(device: torch.device, *, fsdp_alone: bool = False) -> DistInfo:
+    """Join torchrun's process group (nccl on CUDA, gloo on CPU); a no-op for one process
+    unless ``fsdp_alone``, which makes a group of one so that FSDP2 can shard (fp32
+    master weights under bf16 compute, CPU offload) on a single device."""
     info = env_info()
-    if not info.enabled or dist.is_initialized():
+    if info.world_size == 1 and not fsdp_alone:
         return info
-    if device.type == "cuda":
-        torch.cuda.set_device(info.local_rank)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", info.local_rank))
-    else:
-        dist.init_process_group("gloo")
-    return env_info()
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs: dict[str, Any] = {}
+        if device.type == "cuda":
+            torch.cuda.set_device(info.local_rank)
+            kwargs["device_id"] = torch.device("cuda", info.local_rank)
+        if info.world_size == 1 and "MASTER_ADDR" not in os.environ:
+            # Not under torchrun: an in-memory store needs no address or port.
+            kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, **kwargs)
+    info = env_info()
+    return DistInfo(info.rank, info.world_size, info.local_rank, fsdp_alone=fsdp_alone)
 
 
 # ---- sharding ---------------------------------------------------------------------------

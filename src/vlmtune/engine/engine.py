@@ -20,7 +20,12 @@ from vlmtune.engine.batching import Batch, collate, packing_efficiency
 from vlmtune.engine.checkpoint import load_training_state, save_training_state
 from vlmtune.engine.forward import ForwardPass
 from vlmtune.engine.sampling import generate
-from vlmtune.models.loading import LoadedModel, load_model, save_model_dir
+from vlmtune.models.loading import (
+    LoadedModel,
+    load_model,
+    save_model_dir,
+    trainable_parameter_count,
+)
 from vlmtune.models.vision import ImagePreprocessor
 from vlmtune.render import Renderer
 from vlmtune.types import (
@@ -62,7 +67,9 @@ class EngineConfig:
     gradient_checkpointing: bool = False
     image_cache_dir: str | None = None  # on-disk cache of preprocessed pixels (content-keyed)
     seed: int = 0
-    # Under torchrun (ignored in one process): FSDP2 over all ranks.
+    # Under torchrun: FSDP2 over all ranks. In one process only with ``fsdp`` (or CPU
+    # offload, which needs it): fp32 master weights under bf16 compute on one GPU.
+    fsdp: bool = False
     fsdp_reshard_after_forward: bool = True  # False keeps layers gathered until backward
     fsdp_reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # gradient reduce-scatter dtype
     fsdp_cpu_offload: bool = False  # sharded params, grads and Adam state in host memory
@@ -72,7 +79,9 @@ class TrainingEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
         device = placement.resolve_device(config.device)
-        self.dist = dist_utils.init_distributed(device)
+        self.dist = dist_utils.init_distributed(
+            device, fsdp_alone=config.fsdp or config.fsdp_cpu_offload
+        )
         if self.dist.enabled and device.type == "cuda":
             device = torch.device("cuda", self.dist.local_rank)  # one GPU per process
         self.device = device
@@ -145,6 +154,18 @@ class TrainingEngine:
         self.step = 0
         self.last_packing_efficiency = 1.0
         self._reference: TrainingEngine | None = None
+
+    def describe(self) -> str:
+        """One line for a run's log: what trains, on what, sharded or not."""
+        trainable, total = trainable_parameter_count(self.model)
+        where = f"{self.device.type} {str(self.dtype).removeprefix('torch.')}"
+        if self.dist.enabled:
+            plural = "es" if self.dist.world_size > 1 else ""
+            where += f", FSDP2 over {self.dist.world_size} process{plural}"
+        return (
+            f"model {self.loaded.spec.name} ({self.loaded.mode}; {where}): "
+            f"{trainable:,} of {total:,} parameters train"
+        )
 
     # ---- distributed ----------------------------------------------------------------
     def _shard(self) -> dist_utils.ShardedRoot:

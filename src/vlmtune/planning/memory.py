@@ -4,8 +4,8 @@ The estimate follows what *this* engine does, not a generic recipe:
 
 - one process: weights in the compute dtype; full fine-tuning keeps grads and AdamW
   state in that dtype too; LoRA adapters (and their grads and state) are fp32;
-- FSDP (more than one process): full fine-tuning stores fp32 master weights, grads
-  and AdamW state sharded 1/N per GPU, LoRA keeps the frozen base in the compute
+- FSDP (several processes, or one with ``fsdp`` or CPU offload): full fine-tuning
+  stores fp32 master weights, grads and AdamW state sharded 1/N per GPU, LoRA keeps the frozen base in the compute
   dtype, sharded; on top of the shards, the root group (embeddings, LM head, vision
   stem and mergers) stays gathered for the whole step and two decoder layers are
   gathered at a time (all of them with ``reshard_after_forward=False``);
@@ -268,6 +268,7 @@ def estimate_memory(
     precision: Literal["bf16", "fp32"] = "bf16",
     lora_rank: int = 16,
     cpu_offload: bool = False,
+    fsdp: bool = False,
     reshard_after_forward: bool = True,
     reduce_dtype: Literal["fp32", "bf16"] = "fp32",
     freeze_vision: bool = True,
@@ -279,7 +280,7 @@ def estimate_memory(
     notes: list[str] = []
     cb = 4 if precision == "fp32" or device == "cpu" else 2
     n = max(1, world_size)
-    sharded = n > 1
+    sharded = n > 1 or fsdp or cpu_offload  # one process shards too when asked (or offloading)
     P = dims.total_params
     vision = dims.vision_params
     embed = dims.embedding_params + dims.head_params

@@ -205,7 +205,9 @@ def create_training_client(job: JobFile, run_dir: Path) -> TrainingClient:
         gradient_checkpointing=job.training.gradient_checkpointing,
         seed=job.hyperparameters.seed,
         image_cache_dir=job.training.image_cache_dir,
-        # Used only under torchrun (`vlmtune train --nproc N` or [compute] gpu_count > 1).
+        # Under torchrun (`vlmtune train --nproc N` or [compute] gpu_count > 1), or in one
+        # process with [compute] fsdp / cpu_offload.
+        fsdp=job.compute.fsdp,
         fsdp_reshard_after_forward=job.compute.sharding == "full_shard",
         fsdp_reduce_dtype=job.compute.reduce_dtype,
         fsdp_cpu_offload=job.compute.cpu_offload,

@@ -150,6 +150,7 @@ def run(job: JobFile, run_dir: Path, *, resume: bool = False, log: Any = print) 
         )
 
     tc = create_training_client(job, run_dir)
+    log(tc.engine.describe())
     pairs, _, render_report = render_pairs(train_rows, tc.renderer, hp.sequence_length)
     val_pairs, val_kept, _ = render_pairs(val_rows, tc.renderer, hp.sequence_length)
     report: dict[str, Any] = {"train": {**train_report.to_dict(), "render": render_report}}

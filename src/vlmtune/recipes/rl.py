@@ -163,6 +163,7 @@ def run(
         )
 
     tc = create_training_client(job, run_dir)
+    log(tc.engine.describe())
     renderer = tc.renderer
     prompts, kept, dropped = [], [], []
     for row in rows:

@@ -77,6 +77,7 @@ def run(job: JobFile, run_dir: Path, *, resume: bool = False, log: Any = print) 
         )
 
     tc = create_training_client(job, run_dir)
+    log(tc.engine.describe())
     datums, render_report = build_sft_datums(
         train_rows, tc.renderer, sequence_length=hp.sequence_length, train_on=hp.train_on
     )
