@@ -161,6 +161,33 @@ def shard_model(
     return root
 
 
+def shard_and_load(
+    model: nn.Module,
+    hf_model: nn.Module,
+    device: torch.device,
+    compute_dtype: torch.dtype,
+    *,
+    reduce_bf16: bool,
+    reshard_after_forward: bool,
+    cpu_offload: bool,
+) -> ShardedRoot:
+    """Shard ``model`` (built on rank 0, on the meta device elsewhere) and fill every
+    rank's shards from rank 0's weights. Collective."""
+    on_gpu = device.type == "cuda"
+    settings = ShardingSettings(
+        # CPU (gloo): fp32 throughout; GPU: gather in the compute dtype.
+        param_dtype=compute_dtype if on_gpu and compute_dtype != torch.float32 else None,
+        reduce_dtype=(torch.bfloat16 if reduce_bf16 else torch.float32) if on_gpu else None,
+        reshard_after_forward=reshard_after_forward,
+        cpu_offload=cpu_offload,
+    )
+    # Rank 0's full weights, kept (by reference) past sharding to broadcast them.
+    full = model.state_dict() if dist.get_rank() == 0 else {}
+    root = shard_model(model, hf_model, device, settings)
+    materialize_from_main(root, model, full, device, cpu_offload)
+    return root
+
+
 def materialize_from_main(
     root: nn.Module,
     model: nn.Module,

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 
-from vlmtune.engine import dispatch, placement
+from vlmtune.engine import dispatch, optim, placement
 from vlmtune.engine import distributed as dist_utils
 from vlmtune.engine.batching import Batch, collate, packing_efficiency
 from vlmtune.engine.checkpoint import load_training_state, save_training_state
@@ -170,21 +170,15 @@ class TrainingEngine:
     # ---- distributed ----------------------------------------------------------------
     def _shard(self) -> dist_utils.ShardedRoot:
         c = self.config
-        on_gpu = self.device.type == "cuda"
-        settings = dist_utils.ShardingSettings(
-            # CPU (gloo): fp32 throughout; GPU: gather in the compute dtype.
-            param_dtype=self.dtype if on_gpu and self.dtype != torch.float32 else None,
-            reduce_dtype=(torch.bfloat16 if c.fsdp_reduce_dtype == "bf16" else torch.float32)
-            if on_gpu
-            else None,
+        root = dist_utils.shard_and_load(
+            self.model,
+            self.hf_model,
+            self.device,
+            self.dtype,
+            reduce_bf16=c.fsdp_reduce_dtype == "bf16",
             reshard_after_forward=c.fsdp_reshard_after_forward,
             cpu_offload=c.fsdp_cpu_offload,
         )
-        # Rank 0's full weights, kept (by reference) past sharding to broadcast them.
-        full = self.model.state_dict() if self.dist.is_main else {}
-        root = dist_utils.shard_model(self.model, self.hf_model, self.device, settings)
-        dist_utils.materialize_from_main(root, self.model, full, self.device, c.fsdp_cpu_offload)
-        del full
         # transformers' generate() then keeps every rank stepping until all are done.
         self.hf_model._is_fsdp_managed_module = True
         return root
@@ -356,26 +350,8 @@ class TrainingEngine:
     def optim_step(self, params: AdamParams) -> OptimStepResponse:
         """AdamW step with this call's hyperparameters, optional clipping; zeroes grads."""
         if self.optimizer is None:
-            self.optimizer = torch.optim.AdamW(
-                self.trainable_params, lr=params.learning_rate, foreach=True
-            )
-        for group in self.optimizer.param_groups:
-            group.update(
-                lr=params.learning_rate,
-                betas=(params.beta1, params.beta2),
-                eps=params.eps,
-                weight_decay=params.weight_decay,
-            )
-        max_norm = params.grad_clip_norm if params.grad_clip_norm > 0 else float("inf")
-        grads = [p.grad for p in self.trainable_params if p.grad is not None]
-        # Under FSDP the norm is a DTensor over all ranks' shards: make it a full tensor
-        # before clipping, so every rank scales by the same global norm.
-        grad_norm = dist_utils.total_norm_value(torch.nn.utils.get_total_norm(grads))
-        torch.nn.utils.clip_grads_with_norm_(
-            self.trainable_params, max_norm, torch.tensor(grad_norm, device=self.device)
-        )
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer = optim.new_adamw(self.trainable_params, params.learning_rate)
+        grad_norm = optim.clip_and_step(self.optimizer, self.trainable_params, params, self.device)
         self.step += 1
         return OptimStepResponse(
             metrics={"grad_norm": grad_norm, "learning_rate": params.learning_rate}
@@ -406,7 +382,7 @@ class TrainingEngine:
     def load_state(self, path: str | Path) -> dict[str, Any]:
         """Restore what ``save_state`` wrote; returns its ``extra`` dict."""
         if self.optimizer is None and self.trainable_params:
-            self.optimizer = torch.optim.AdamW(self.trainable_params, lr=0.0, foreach=True)
+            self.optimizer = optim.new_adamw(self.trainable_params, 0.0)
         meta = load_training_state(Path(path), self.model, self.optimizer, self.dist)
         self.step = int(meta["step"])
         return meta.get("extra", {})

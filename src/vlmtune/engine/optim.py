@@ -1,0 +1,40 @@
+"""The optimizer step: AdamW with per-call hyperparameters and global-norm clipping."""
+
+from __future__ import annotations
+
+import torch
+
+from vlmtune.engine.distributed import total_norm_value
+from vlmtune.types import AdamParams
+
+
+def new_adamw(params: list[torch.nn.Parameter], learning_rate: float) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=learning_rate, foreach=True)
+
+
+def clip_and_step(
+    optimizer: torch.optim.AdamW,
+    params: list[torch.nn.Parameter],
+    hp: AdamParams,
+    device: torch.device,
+) -> float:
+    """Set this call's hyperparameters, clip to ``hp.grad_clip_norm`` (0: no clipping),
+    step and zero the grads; returns the gradient norm before clipping.
+
+    Under FSDP the norm of sharded grads is a DTensor over all ranks' shards; it is made
+    a full tensor before clipping, so every rank scales by the same global norm.
+    """
+    for group in optimizer.param_groups:
+        group.update(
+            lr=hp.learning_rate,
+            betas=(hp.beta1, hp.beta2),
+            eps=hp.eps,
+            weight_decay=hp.weight_decay,
+        )
+    max_norm = hp.grad_clip_norm if hp.grad_clip_norm > 0 else float("inf")
+    grads = [p.grad for p in params if p.grad is not None]
+    grad_norm = total_norm_value(torch.nn.utils.get_total_norm(grads))
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(grad_norm, device=device))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
