@@ -100,6 +100,9 @@ def main() -> None:
         help="other ranks get a copy of the model dir without its weight files",
     )
     p.add_argument("--fsdp", action="store_true", help="FSDP2 even in one process")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    p.add_argument("--shard-grad-op", action="store_true", help="keep layers gathered to backward")
+    p.add_argument("--cpu-offload", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(1)
     base = args.base or tiny_model_dir()
@@ -119,6 +122,9 @@ def main() -> None:
         max_pixels=4096,
         device="cpu",
         fsdp=args.fsdp,
+        gradient_checkpointing=args.checkpointing,
+        fsdp_reshard_after_forward=not args.shard_grad_op,
+        fsdp_cpu_offload=args.cpu_offload,
     )
     engine = TrainingEngine(config)
     tc = TrainingClient(engine, args.out)

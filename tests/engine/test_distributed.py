@@ -172,3 +172,12 @@ def test_moe_two_ranks_give_the_one_rank_curve(tmp_path):
     two = run_worker(2, tmp_path / "two", *args, "--weights-only-on-rank-0")
     assert two[1]["weight_files"] == []
     assert_same_curve(one, two[0], [1, 2, 3])
+
+
+def test_checkpointing_and_layers_kept_gathered_give_the_same_curve(tmp_path):
+    """Activation checkpointing (recomputed layers re-gather under FSDP) together with
+    ``shard_grad_op`` (layers stay gathered from forward to backward)."""
+    args = ("--mode", "lora", "--steps", "2")
+    one = run_worker(1, tmp_path / "one", *args)[0]
+    two = run_worker(2, tmp_path / "two", *args, "--checkpointing", "--shard-grad-op")
+    assert_same_curve(one, two[0], [1, 2])

@@ -67,6 +67,11 @@ def _check_compute(job: JobFile, procs_per_node: int | None = None) -> list[str]
         problems.append(
             'algorithm.variety: qlora needs a CUDA GPU (bitsandbytes 4-bit); use "lora" on the CPU'
         )
+    if c.cpu_offload and on_cpu:
+        problems.append(
+            "compute.cpu_offload: offloads GPU memory to the host; on the CPU everything is "
+            "already in host memory (remove it, or set it only on a machine with CUDA GPUs)"
+        )
     for key in ("data", "validation_data"):
         value = getattr(job.job, key)
         if value is not None and not Path(value).is_file():

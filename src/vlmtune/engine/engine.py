@@ -79,6 +79,8 @@ class TrainingEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
         device = placement.resolve_device(config.device)
+        if config.fsdp_cpu_offload and device.type != "cuda":
+            raise ValueError("fsdp_cpu_offload moves GPU memory to the host: it needs CUDA")
         self.dist = dist_utils.init_distributed(
             device, fsdp_alone=config.fsdp or config.fsdp_cpu_offload
         )
