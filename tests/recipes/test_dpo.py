@@ -105,7 +105,7 @@ def test_chosen_and_rejected_see_the_same_image_tensors(tmp_path, tiny_dir):
     assert ids_c[: prompt_len + 1] == ids_r[: prompt_len + 1]
 
 
-def test_dpo_cli_run_learns_a_repeated_pair_and_resumes(tmp_path):
+def write_dpo_job(tmp_path: Path) -> Path:
     write_pairs(tmp_path / "train.jsonl", 4)
     write_pairs(tmp_path / "val.jsonl", 2)
     toml = tmp_path / "dpo.toml"
@@ -134,6 +134,11 @@ min_pixels = 4096
 max_pixels = 4096
 """
     )
+    return toml
+
+
+def test_dpo_cli_run_learns_a_repeated_pair_and_resumes(tmp_path):
+    toml = write_dpo_job(tmp_path)
     run = tmp_path / "run"
     result = runner.invoke(
         app, ["train", "--type", "dpo", "--config", str(toml), "--output", str(run)]
@@ -171,3 +176,19 @@ max_pixels = 4096
     again = [r for r in again if "dpo_loss" in r]
     assert [r["step"] for r in again] == [1, 2]
     assert again[1]["dpo_loss"] == pytest.approx(steps[1]["dpo_loss"], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_dpo_on_two_processes_equals_one(tmp_path):
+    """Pairs split over two ranks (FSDP2, gloo): the reference pass up front, the coupled
+    loss and the step give the one-process numbers."""
+    toml = write_dpo_job(tmp_path)
+    base = ["train", "--type", "dpo", "--config", str(toml), "--output"]
+    losses = {}
+    for name, extra in (("one", []), ("two", ["--nproc", "2"])):
+        result = runner.invoke(app, [*base, str(tmp_path / name), *extra])
+        assert result.exit_code == 0, result.output
+        records = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        losses[name] = [json.loads(x)["dpo_loss"] for x in records if '"dpo_loss"' in x]
+    assert len(losses["two"]) == 2
+    assert losses["two"] == pytest.approx(losses["one"], rel=1e-4)
