@@ -109,11 +109,21 @@ def test_custom_loss_gives_the_same_gradients_as_cross_entropy(engine):
         w = torch.tensor(data[0].loss_fn_inputs["weights"].data)
         return -(logprobs[0] * w).sum(), {}
 
-    engine.forward_backward_custom([datum], sft_loss)
-    for a, p in zip(g_builtin, params, strict=True):
-        assert (p.grad - a).norm() <= 1e-4 * a.norm() + 1e-6
-    for p in params:
-        p.grad = None
+    for where in (None, "weights"):
+        out = engine.forward_backward_custom([datum], sft_loss, logprobs_where=where)
+        for a, p in zip(g_builtin, params, strict=True):
+            assert (p.grad - a).norm() <= 1e-4 * a.norm() + 1e-6
+        for p in params:
+            p.grad = None
+        lp_T = out.loss_fn_outputs[0]["logprobs"].to_torch()
+        w_T = datum.loss_fn_inputs["weights"].to_torch()
+        if where is None:
+            all_T = lp_T
+        else:  # the response positions only: the same values there, 0 elsewhere
+            assert torch.equal(lp_T[w_T == 0], torch.zeros(int((w_T == 0).sum())))
+            torch.testing.assert_close(lp_T[w_T != 0], all_T[w_T != 0])
+    with pytest.raises(ValueError, match=r"datum 0 has no loss_fn_inputs\['advantages'\]"):
+        engine.forward_backward_custom([datum], sft_loss, logprobs_where="advantages")
 
 
 def test_frozen_vision_tower_gets_no_gradient(tiny_dir):

@@ -54,6 +54,16 @@ def test_remote_sft_loop_sampling_and_custom_loss(trainer):
 
     out = tc.forward_backward_custom([datum], neg_ll).result()
     assert out.metrics["loss:sum"] == pytest.approx(out.metrics["nll:sum"])
+    seen = []
+
+    def response_only(datums, logprobs):
+        seen.append(logprobs[0].detach().clone())
+        return neg_ll(datums, logprobs)
+
+    # Same loss, logprobs at the weighted positions only (0 elsewhere), as in-process.
+    tc.forward_backward_custom([datum], response_only, logprobs_where="weights").result()
+    w_T = datum.loss_fn_inputs["weights"].to_torch()
+    assert (seen[0][w_T == 0] == 0).all() and (seen[0][w_T != 0] != 0).all()
     tc.optim_step(AdamParams(learning_rate=1e-3)).result()
 
     sampler = tc.create_sampling_client()

@@ -7,11 +7,21 @@ into one output per datum.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from vlmtune.engine import losses
 from vlmtune.engine.batching import Batch
-from vlmtune.types import TensorData
+from vlmtune.types import Datum, TensorData
+
+
+def check_input_present(datums: Sequence[Datum], key: str) -> None:
+    """A ValueError naming the first datum that lacks ``loss_fn_inputs[key]``."""
+    for i, d in enumerate(datums):
+        if key not in d.loss_fn_inputs:
+            have = ", ".join(sorted(d.loss_fn_inputs)) or "none"
+            raise ValueError(f"datum {i} has no loss_fn_inputs[{key!r}] (it has: {have})")
 
 
 def needed_positions(batch: Batch, loss_fn: str) -> torch.Tensor:

@@ -292,20 +292,35 @@ class TrainingEngine:
         return self._run(datums, loss_fn, loss_fn_config, backward=True)
 
     def forward_backward_custom(
-        self, datums: Sequence[Datum], loss_fn: CustomLossFn
+        self,
+        datums: Sequence[Datum],
+        loss_fn: CustomLossFn,
+        *,
+        logprobs_where: str | None = None,
     ) -> ForwardBackwardOutput:
         """Exact autograd through a user loss on per-token logprobs (one pass).
 
         ``loss_fn(datums, logprobs)`` gets one ``(T_i,)`` tensor per datum, attached to
         the graph. All micro-batches' graphs are held until the loss is computed, since
         a loss may couple data (DPO pairs): memory grows with ``len(datums)``.
+
+        ``logprobs_where`` names a ``loss_fn_inputs`` key (e.g. ``"weights"``): logprobs
+        are then computed only where it is non-zero, and are 0 elsewhere. A loss that
+        reads only the response tokens skips the LM head on the prompt and image tokens.
         """
+        if logprobs_where is not None:
+            dispatch.check_input_present(datums, logprobs_where)
         self.model.train(True)
         per_datum: list[torch.Tensor | None] = [None] * len(datums)
         local: list[int] = []
         padding_terms: list[torch.Tensor] = []
         for idx, batch, padding in self._plan(datums):
-            logprobs_B_T = self.token_logprobs(batch, batch.attention_mask_B_T.bool())
+            needed_B_T = (
+                batch.attention_mask_B_T.bool()
+                if logprobs_where is None
+                else batch.loss_inputs[logprobs_where] != 0
+            )
+            logprobs_B_T = self.token_logprobs(batch, needed_B_T)
             if padding:
                 padding_terms.append(logprobs_B_T.sum() * 0.0)
                 continue

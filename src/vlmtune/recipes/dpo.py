@@ -225,7 +225,9 @@ def run(job: JobFile, run_dir: Path, *, resume: bool = False, log: Any = print) 
             lr = learning_rate_at(
                 step, total_steps, hp.learning_rate, hp.warmup_ratio, hp.lr_scheduler
             )
-            fb_future = tc.forward_backward_custom(data, make_loss_fn(ref_P_2[idx], job.dpo))
+            fb_future = tc.forward_backward_custom(
+                data, make_loss_fn(ref_P_2[idx], job.dpo), logprobs_where="weights"
+            )
             opt_future = tc.optim_step(adam_params(hp, lr))
             fb, opt = fb_future.result(), opt_future.result()
             elapsed = time.perf_counter() - t0

@@ -294,7 +294,11 @@ def run(
                     ]
                     ref = tc.forward_reference(masked).result()
                     ref_lps = [o["logprobs"].to_torch() for o in ref.loss_fn_outputs]
-                    fb = tc.forward_backward_custom(datums, make_kl_loss_fn(ref_lps, n_tokens, rl))
+                    fb = tc.forward_backward_custom(
+                        datums,
+                        make_kl_loss_fn(ref_lps, n_tokens, rl),
+                        logprobs_where="advantages",
+                    )
                 else:
                     fb = tc.forward_backward(
                         datums,

@@ -130,9 +130,13 @@ class TrainingClient:
         )
 
     def forward_backward_custom(
-        self, data: Sequence[Datum], loss_fn: CustomLossFn
+        self, data: Sequence[Datum], loss_fn: CustomLossFn, *, logprobs_where: str | None = None
     ) -> APIFuture[ForwardBackwardOutput]:
-        return self._executor.submit(self.engine.forward_backward_custom, list(data), loss_fn)
+        """``logprobs_where``: a ``loss_fn_inputs`` key; logprobs only where it is non-zero
+        (0 elsewhere), e.g. ``"weights"`` for a loss on the response tokens alone."""
+        return self._executor.submit(
+            self.engine.forward_backward_custom, list(data), loss_fn, logprobs_where=logprobs_where
+        )
 
     def optim_step(self, adam_params: AdamParams) -> APIFuture[OptimStepResponse]:
         return self._executor.submit(self.engine.optim_step, adam_params)

@@ -229,23 +229,29 @@ class HttpTrainingClient(_RendererMixin):
         return self._submit(lambda: self._fb(data, loss_fn, loss_fn_config, False), _fwdbwd)
 
     def forward_backward_custom(
-        self, data: Sequence[vt.Datum], loss_fn: Callable
+        self, data: Sequence[vt.Datum], loss_fn: Callable, *, logprobs_where: str | None = None
     ) -> APIFuture[vt.ForwardBackwardOutput]:
         """Tinker's method: a forward for logprobs, the loss with autograd here, then a
         forward_backward whose weights are ``-dloss/dlogprobs`` (a linear surrogate with
-        the same gradient). Both are posted before any later call on this client."""
+        the same gradient). Both are posted before any later call on this client.
+        ``logprobs_where``: as in-process, logprobs are 0 where that input is 0."""
         import torch
 
         data, custom = list(data), {}
+        if logprobs_where is not None:
+            from vlmtune.engine.dispatch import check_input_present
+
+            check_input_present(data, logprobs_where)
 
         def post() -> str:
             keep = [vt.Datum(model_input=d.model_input, loss_fn_inputs={
                 k: v for k, v in d.loss_fn_inputs.items() if k in ("target_tokens", "weights")}) for d in data]  # fmt: skip
             fwd = self.t.wait(self._fb(keep, "cross_entropy", None, True))
-            lps = [
-                torch.tensor(o["logprobs"]["data"], requires_grad=True)
-                for o in fwd["loss_fn_outputs"]
-            ]
+            lps = [torch.tensor(o["logprobs"]["data"]) for o in fwd["loss_fn_outputs"]]
+            if logprobs_where is not None:  # the same values the in-process engine gives
+                lps = [lp * (d.loss_fn_inputs[logprobs_where].to_torch() != 0)
+                       for lp, d in zip(lps, data, strict=True)]  # fmt: skip
+            lps = [lp.requires_grad_() for lp in lps]
             loss, custom["metrics"] = loss_fn(data, lps)
             loss.backward()
             custom["loss"] = float(loss.detach())
