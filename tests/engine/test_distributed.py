@@ -53,7 +53,9 @@ def full_runs(tmp_path_factory, tiny_dir):
     """Full fine-tuning, 4 steps: one process, two ranks (checkpoint at step 2), and one
     process resuming the two ranks' step-2 checkpoint."""
     root = tmp_path_factory.mktemp("full")
-    one = run_worker(1, root / "one", "--steps", "4", "--final", str(root / "one" / "final"))
+    one = run_worker(
+        1, root / "one", "--steps", "4", "--save-at", "2", "--final", str(root / "one" / "final")
+    )
     two = run_worker(
         2,
         root / "two",
@@ -109,6 +111,15 @@ def test_sharded_checkpoint_resumes_on_one_rank(full_runs):
     assert json.loads((ckpt / "state.json").read_text())["world_size"] == 2
     assert resumed["world_size"] == 1
     assert_same_curve(one, resumed, [3, 4])
+
+
+def test_single_process_checkpoint_resumes_on_two_ranks(full_runs):
+    root, one, _, _ = full_runs
+    two = run_worker(
+        2, root / "two-resumed", "--steps", "4", "--resume", str(root / "one" / "step-2")
+    )
+    assert sorted(two[0]["steps"]) == ["3", "4"]
+    assert_same_curve(one, two[0], [3, 4])
 
 
 def test_final_dir_is_a_plain_hf_model_equal_to_the_single_process_one(full_runs):
