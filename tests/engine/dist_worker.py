@@ -103,6 +103,7 @@ def main() -> None:
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     p.add_argument("--shard-grad-op", action="store_true", help="keep layers gathered to backward")
     p.add_argument("--cpu-offload", action="store_true")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     args = p.parse_args()
     torch.set_num_threads(1)
     base = args.base or tiny_model_dir()
@@ -125,6 +126,7 @@ def main() -> None:
         gradient_checkpointing=args.checkpointing,
         fsdp_reshard_after_forward=not args.shard_grad_op,
         fsdp_cpu_offload=args.cpu_offload,
+        precision=args.precision,
     )
     engine = TrainingEngine(config)
     tc = TrainingClient(engine, args.out)

@@ -173,11 +173,12 @@ def shard_and_load(
 ) -> ShardedRoot:
     """Shard ``model`` (built on rank 0, on the meta device elsewhere) and fill every
     rank's shards from rank 0's weights. Collective."""
-    on_gpu = device.type == "cuda"
+    mixed = compute_dtype != torch.float32
     settings = ShardingSettings(
-        # CPU (gloo): fp32 throughout; GPU: gather in the compute dtype.
-        param_dtype=compute_dtype if on_gpu and compute_dtype != torch.float32 else None,
-        reduce_dtype=(torch.bfloat16 if reduce_bf16 else torch.float32) if on_gpu else None,
+        # fp32 shards; gathered in the compute dtype for forward and backward.
+        param_dtype=compute_dtype if mixed else None,
+        # gloo (CPU) reduces in fp32 only.
+        reduce_dtype=torch.bfloat16 if reduce_bf16 and device.type == "cuda" else torch.float32,
         reshard_after_forward=reshard_after_forward,
         cpu_offload=cpu_offload,
     )

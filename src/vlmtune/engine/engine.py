@@ -419,6 +419,13 @@ class TrainingEngine:
         if self.dist.is_main:
             for name in self._tied_names:
                 full.pop(name, None)
-            save_model_dir(self.loaded, self.processor, Path(path), state_dict=full)
+            # fp32 master weights go out in the compute dtype, as one process saves them:
+            # half the size, and a config dtype that vLLM's "auto" serves in bf16.
+            out_dtype = self.dtype if self.loaded.mode == "full" else None
+            if out_dtype is not None and out_dtype != torch.float32:
+                full = {k: v.to(out_dtype) if v.is_floating_point() else v for k, v in full.items()}
+            save_model_dir(
+                self.loaded, self.processor, Path(path), state_dict=full, dtype=out_dtype
+            )
         dist_utils.barrier()
         return Path(path)

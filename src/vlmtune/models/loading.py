@@ -356,6 +356,7 @@ def save_model_dir(
     processor: Any,
     out_dir: str | Path,
     state_dict: dict[str, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write a servable directory atomically: full weights or LoRA adapter, plus processor.
 
@@ -367,6 +368,8 @@ def save_model_dir(
 
     ``state_dict`` replaces the model's own tensors (a sharded model's weights,
     gathered on one rank); an adapter's may hold just the trainable weights.
+    ``dtype`` is what the config records when ``state_dict`` holds a different dtype
+    from the model's (transformers writes the model's).
     """
     model = _unwrap(loaded_or_model)
     with atomic_dir(out_dir) as tmp:
@@ -384,8 +387,21 @@ def save_model_dir(
             )
         else:
             model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
+            if dtype is not None:
+                _set_config_dtype(tmp / "config.json", dtype)
         processor.save_pretrained(str(tmp))
     return Path(out_dir)
+
+
+def _set_config_dtype(config_file: Path, dtype: torch.dtype) -> None:
+    """Set ``dtype`` in a saved config.json and in each sub-config that records one."""
+    config = json.loads(config_file.read_text())
+    name = str(dtype).removeprefix("torch.")
+    config["dtype"] = name
+    for sub in config.values():
+        if isinstance(sub, dict) and "dtype" in sub:
+            sub["dtype"] = name
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def adapter_base_name(adapter_dir: Path) -> str:
