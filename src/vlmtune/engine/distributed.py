@@ -346,11 +346,24 @@ def total_norm_value(norm: torch.Tensor) -> float:
 
 
 # ---- weights ----------------------------------------------------------------------------
-def full_state_dict_on_main(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
-    """The unsharded state dict, on the CPU of rank 0 (an empty dict elsewhere). Collective."""
+def full_state_dict_on_main(
+    model: nn.Module,
+    trainable_only: bool,
+    *,
+    drop: Sequence[str] = (),
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """The unsharded state dict, on the CPU of rank 0 (an empty dict elsewhere), without
+    the ``drop`` names (e.g. second names of tied weights), floating tensors cast to
+    ``dtype`` if given. Collective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only
     )
-    return get_model_state_dict(model, options=options)
+    full = get_model_state_dict(model, options=options)
+    for name in drop:
+        full.pop(name, None)
+    if dtype is not None:
+        full = {k: v.to(dtype) if v.is_floating_point() else v for k, v in full.items()}
+    return full

@@ -412,20 +412,15 @@ class TrainingEngine:
         """
         if self._root is None:
             return save_model_dir(self.loaded, self.processor, Path(path))
-        # An adapter needs only the trainable (LoRA) weights, not the gathered base.
-        full = dist_utils.full_state_dict_on_main(
-            self.model, trainable_only=self.loaded.mode != "full"
+        # An adapter needs only the trainable (LoRA) weights, not the gathered base; fp32
+        # master weights go out in the compute dtype, as one process saves them (half
+        # the size, and a config dtype that vLLM's "auto" serves in bf16).
+        full_ft = self.loaded.mode == "full"
+        out_dtype = self.dtype if full_ft else None
+        weights = dist_utils.full_state_dict_on_main(
+            self.model, trainable_only=not full_ft, drop=self._tied_names, dtype=out_dtype
         )
         if self.dist.is_main:
-            for name in self._tied_names:
-                full.pop(name, None)
-            # fp32 master weights go out in the compute dtype, as one process saves them:
-            # half the size, and a config dtype that vLLM's "auto" serves in bf16.
-            out_dtype = self.dtype if self.loaded.mode == "full" else None
-            if out_dtype is not None and out_dtype != torch.float32:
-                full = {k: v.to(out_dtype) if v.is_floating_point() else v for k, v in full.items()}
-            save_model_dir(
-                self.loaded, self.processor, Path(path), state_dict=full, dtype=out_dtype
-            )
+            save_model_dir(self.loaded, self.processor, Path(path), weights, dtype=out_dtype)
         dist_utils.barrier()
         return Path(path)
