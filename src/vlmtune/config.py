@@ -75,6 +75,11 @@ class TrainingConfig(_Section):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="compute dtype")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
+    attention: Literal["sdpa", "flash_attention_2"] = Field(
+        "sdpa",
+        description="attention kernel: sdpa (any device; a packed row builds a T x T mask), "
+        "or flash_attention_2 (CUDA and the flash-attn package; varlen, no mask)",
+    )
     image_workers: int | None = Field(
         None, ge=0, description="image preprocessing processes (unset: auto, 0: in-process)"
     )

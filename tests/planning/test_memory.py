@@ -132,3 +132,13 @@ def test_fsdp_in_one_process_is_planned_as_sharded():
     assert alone.weights > plain.weights  # fp32 shards + the gathered bf16 root and layers
     offload = estimate_memory(dims, mode="full", context=4096, cpu_offload=True)
     assert offload.optimizer == 0 and offload.host > 0
+
+
+def test_flash_attention_plans_no_packed_row_mask():
+    dims = dims_for("qwen3-vl-8b")
+    sdpa = estimate_memory(dims, mode="lora", context=65536, world_size=4)
+    flash = estimate_memory(
+        dims, mode="lora", context=65536, world_size=4, attention="flash_attention_2"
+    )
+    assert sdpa.activations - flash.activations == 65536 * 65536  # the bool T x T mask
+    assert any("mask" in n for n in sdpa.notes) and not any("mask" in n for n in flash.notes)

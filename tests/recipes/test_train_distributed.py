@@ -145,6 +145,17 @@ def test_cpu_offload_on_a_cpu_machine_is_a_config_error(tmp_path):
     assert "compute.cpu_offload" in result.output
 
 
+def test_flash_attention_without_cuda_is_a_config_error(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    toml = write_job(tmp_path, '[training]\nattention = "flash_attention_2"')
+    result = runner.invoke(app, ["train", "--config", str(toml)])
+    assert result.exit_code == 2
+    assert "training.attention: flash_attention_2 needs a CUDA GPU" in result.output
+
+
 def test_a_cpu_shape_launches_its_process_count(tmp_path):
     toml = write_job(tmp_path)
     text = toml.read_text().replace('model = "tiny-qwen3-vl"\n', "")

@@ -100,6 +100,7 @@ def _job_settings(job: JobFile, nproc: int | None) -> dict[str, Any]:
         "freeze_vision": job.model.freeze_vision_tower and job.model.freeze_projector,
         "freeze_embeddings": job.model.freeze_embeddings,
         "packed": job.hyperparameters.packing,
+        "attention": t.attention,
     }
 
 

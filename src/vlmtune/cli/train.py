@@ -67,6 +67,16 @@ def _check_compute(job: JobFile, procs_per_node: int | None = None) -> list[str]
         problems.append(
             'algorithm.variety: qlora needs a CUDA GPU (bitsandbytes 4-bit); use "lora" on the CPU'
         )
+    if job.training.attention == "flash_attention_2":
+        import importlib.util
+
+        if on_cpu:
+            problems.append("training.attention: flash_attention_2 needs a CUDA GPU; use sdpa")
+        elif importlib.util.find_spec("flash_attn") is None:
+            problems.append(
+                "training.attention: flash_attention_2 needs the flash-attn package "
+                "(pip install flash-attn --no-build-isolation), or use sdpa"
+            )
     if c.cpu_offload and on_cpu:
         problems.append(
             "compute.cpu_offload: offloads GPU memory to the host; on the CPU everything is "

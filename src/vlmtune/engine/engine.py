@@ -65,6 +65,7 @@ class EngineConfig:
     packing: bool = False  # several examples per row, positions restarting per example
     max_row_tokens: int = 4096  # a packed row's capacity
     gradient_checkpointing: bool = False
+    attention: Literal["sdpa", "flash_attention_2"] = "sdpa"  # HF attn_implementation
     image_cache_dir: str | None = None  # on-disk cache of preprocessed pixels (content-keyed)
     seed: int = 0
     # Under torchrun: FSDP2 over all ranks. In one process only with ``fsdp`` (or CPU
@@ -115,6 +116,7 @@ class TrainingEngine:
             min_pixels=config.min_pixels,
             max_pixels=config.max_pixels,
             structure_only=self.dist.enabled and not self.dist.is_main,
+            attn_implementation=config.attention,
         )
         self.model = self.loaded.model
         self.processor = self.loaded.processor

@@ -129,6 +129,7 @@ def load_model(
     min_pixels: int | None = None,
     max_pixels: int | None = None,
     structure_only: bool = False,
+    attn_implementation: str = "sdpa",
 ) -> LoadedModel:
     """Load model + processor, set what trains, and wrap in LoRA for lora/qlora.
 
@@ -160,7 +161,7 @@ def load_model(
         min_pixels if min_pixels is not None else (None if own_limits else spec.min_pixels),
         max_pixels if max_pixels is not None else (None if own_limits else spec.max_pixels),
     )
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
     if mode == "qlora":
         from transformers import BitsAndBytesConfig
 
@@ -176,7 +177,7 @@ def load_model(
     if structure_only:
         if mode == "qlora":
             raise ValueError("qlora models cannot be built without their weights")
-        model = _build_on_meta(path, dtype)
+        model = _build_on_meta(path, dtype, attn_implementation)
     else:
         model = AutoModelForImageTextToText.from_pretrained(str(path), **kwargs)
         if mode != "qlora":
@@ -232,13 +233,15 @@ def load_model(
     return LoadedModel(model, processor, spec, path, mode, base_name)
 
 
-def _build_on_meta(path: Path, dtype: torch.dtype) -> nn.Module:
+def _build_on_meta(path: Path, dtype: torch.dtype, attn_implementation: str) -> nn.Module:
     """The checkpoint's model with every parameter and buffer on the meta device."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(str(path))
     with torch.device("meta"):
-        return AutoModelForImageTextToText.from_config(config, dtype=dtype)
+        return AutoModelForImageTextToText.from_config(
+            config, dtype=dtype, attn_implementation=attn_implementation
+        )
 
 
 def _enable_checkpointing(model: Any) -> None:

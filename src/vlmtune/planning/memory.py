@@ -274,6 +274,7 @@ def estimate_memory(
     freeze_vision: bool = True,
     freeze_embeddings: bool = False,
     packed: bool = True,
+    attention: Literal["sdpa", "flash_attention_2"] = "sdpa",
     weighted_tokens: int | None = None,
 ) -> MemoryEstimate:
     """Peak bytes per GPU of one training step on a row of ``context`` tokens."""
@@ -338,8 +339,9 @@ def estimate_memory(
         saved, transient = dims.layers * per_layer * T, head
     outside = cb * dims.hidden * T + (8 + cb) * dims.hidden * T  # embeddings, final norm
     outside += cb * dims.hidden * n_weighted  # the weighted positions' hidden states
-    mask = T * T if packed else 0  # SDPA's block-diagonal boolean mask of a packed row
-    if packed and T >= 16_384:
+    # SDPA's block-diagonal boolean mask of a packed row (flash-attention varlen has none)
+    mask = T * T if packed and attention == "sdpa" else 0
+    if mask and T >= 16_384:
         notes.append(f"packed-row attention mask alone is {mask / GIB:.1f} GiB at {T} tokens")
     activations = saved + transient + outside + mask
 

@@ -203,6 +203,7 @@ def create_training_client(job: JobFile, run_dir: Path) -> TrainingClient:
         packing=job.hyperparameters.packing,
         max_row_tokens=job.hyperparameters.sequence_length,
         gradient_checkpointing=job.training.gradient_checkpointing,
+        attention=job.training.attention,
         seed=job.hyperparameters.seed,
         image_cache_dir=job.training.image_cache_dir,
         # Under torchrun (`vlmtune train --nproc N` or [compute] gpu_count > 1), or in one
