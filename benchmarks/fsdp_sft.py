@@ -41,16 +41,15 @@ def rss_kib(field: str) -> int:
 def model_dir(size: str, layers: int | None) -> Path:
     """A random-weight checkpoint of ``size`` (built on first use)."""
     import torch
-    from transformers import AutoModelForImageTextToText, Qwen3VLConfig, Qwen3VLMoeConfig
+    from transformers import AutoModelForImageTextToText
 
-    from vlmtune.models.constants import (
-        IMAGE_PAD_ID,
-        VIDEO_PAD_ID,
-        VISION_END_ID,
-        VISION_START_ID,
-    )
     from vlmtune.models.registry import get_model_spec
-    from vlmtune.models.tiny import build_tiny_processor, default_cache_root, tiny_model_dir
+    from vlmtune.models.tiny import (
+        build_tiny_processor,
+        default_cache_root,
+        qwen3_vl_config,
+        tiny_model_dir,
+    )
     from vlmtune.planning.memory import KNOWN_DIMS
 
     if size == "tiny":
@@ -91,15 +90,7 @@ def model_dir(size: str, layers: int | None) -> Path:
         "num_position_embeddings": dims.vision_positions,
         "deepstack_visual_indexes": DEEPSTACK[dims.vision_layers],
     }
-    config = (Qwen3VLMoeConfig if dims.experts else Qwen3VLConfig)(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=IMAGE_PAD_ID,
-        video_token_id=VIDEO_PAD_ID,
-        vision_start_token_id=VISION_START_ID,
-        vision_end_token_id=VISION_END_ID,
-        tie_word_embeddings=dims.tied_embeddings,
-    )
+    config = qwen3_vl_config(text, vision, tied=dims.tied_embeddings)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     build_tiny_processor(tmp)

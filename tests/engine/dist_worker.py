@@ -15,6 +15,7 @@ import base64
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -74,12 +75,12 @@ def without_weights(model_dir: Path, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for f in model_dir.iterdir():
         if f.is_file() and f.suffix != ".safetensors":
-            data = f.read_text() if f.suffix == ".json" else None
-            if f.name == "adapter_config.json":
-                cfg = json.loads(data)
-                base = without_weights(tiny_model_dir(), out / "base")
-                data = json.dumps({**cfg, "base_model_name_or_path": str(base)})
-            (out / f.name).write_bytes(data.encode() if data is not None else f.read_bytes())
+            shutil.copy(f, out / f.name)
+    adapter_config = out / "adapter_config.json"
+    if adapter_config.is_file():
+        cfg = json.loads(adapter_config.read_text())
+        cfg["base_model_name_or_path"] = str(without_weights(tiny_model_dir(), out / "base"))
+        adapter_config.write_text(json.dumps(cfg))
     return out
 
 

@@ -123,37 +123,28 @@ def test_dry_run_prints_the_torchrun_command_of_every_node(tmp_path):
         assert line.rstrip().endswith("training.device=cpu")
 
 
-def test_gpus_asked_for_on_a_cpu_machine_is_a_config_error(tmp_path):
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("[compute]\ngpu_count = 4", ["compute.gpu_count", "--nproc"]),
+        ("[compute]\ncpu_offload = true", ["compute.cpu_offload"]),
+        (
+            '[training]\nattention = "flash_attention_2"',
+            ["training.attention: flash_attention_2 needs a CUDA GPU"],
+        ),
+    ],
+    ids=["gpus", "cpu_offload", "flash_attention"],
+)
+def test_gpu_only_settings_on_a_cpu_machine_are_config_errors(tmp_path, extra, expected):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA")
-    toml = write_job(tmp_path, "[compute]\ngpu_count = 4")
+    toml = write_job(tmp_path, extra)
     result = runner.invoke(app, ["train", "--config", str(toml)])
     assert result.exit_code == 2
-    assert "compute.gpu_count" in result.output and "--nproc" in result.output
-
-
-def test_cpu_offload_on_a_cpu_machine_is_a_config_error(tmp_path):
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("needs a machine without CUDA")
-    toml = write_job(tmp_path, "[compute]\ncpu_offload = true")
-    result = runner.invoke(app, ["train", "--config", str(toml)])
-    assert result.exit_code == 2
-    assert "compute.cpu_offload" in result.output
-
-
-def test_flash_attention_without_cuda_is_a_config_error(tmp_path):
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("needs a machine without CUDA")
-    toml = write_job(tmp_path, '[training]\nattention = "flash_attention_2"')
-    result = runner.invoke(app, ["train", "--config", str(toml)])
-    assert result.exit_code == 2
-    assert "training.attention: flash_attention_2 needs a CUDA GPU" in result.output
+    for text in expected:
+        assert text in result.output
 
 
 def test_a_cpu_shape_launches_its_process_count(tmp_path):

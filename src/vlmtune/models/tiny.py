@@ -150,18 +150,24 @@ def tiny_model_dir(cache_dir: Path | None = None, *, moe: bool = False) -> Path:
     return target
 
 
-def tiny_config(moe: bool = False) -> Any:
+def qwen3_vl_config(text: dict[str, Any], vision: dict[str, Any], *, tied: bool = True) -> Any:
+    """A Qwen3-VL config (Qwen3-VL-MoE when ``text`` has experts) with the real
+    special-token ids, for models built from dimensions rather than downloaded."""
     from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
 
-    return (Qwen3VLMoeConfig if moe else Qwen3VLConfig)(
-        text_config={**TEXT_CONFIG, **(MOE_TEXT_CONFIG if moe else {})},
-        vision_config=dict(VISION_CONFIG),
+    return (Qwen3VLMoeConfig if text.get("num_experts") else Qwen3VLConfig)(
+        text_config=dict(text),
+        vision_config=dict(vision),
         image_token_id=IMAGE_PAD_ID,
         video_token_id=VIDEO_PAD_ID,
         vision_start_token_id=VISION_START_ID,
         vision_end_token_id=VISION_END_ID,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
     )
+
+
+def tiny_config(moe: bool = False) -> Any:
+    return qwen3_vl_config({**TEXT_CONFIG, **(MOE_TEXT_CONFIG if moe else {})}, VISION_CONFIG)
 
 
 def build_tiny_processor(out_dir: Path) -> Any:
