@@ -27,6 +27,7 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/ruff format --check src tests benchmarks examples
+	$(VENV)/bin/mypy src
 
 format: install
 	$(VENV)/bin/ruff check --fix src tests benchmarks examples

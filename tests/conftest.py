@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from vlmtune.data.schema import ImagePart, Message, TextPart
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # huggingface_hub reads this once, when first imported (after this hook): without it,
+    # building its user agent fetches an agent registry from huggingface.co, and no test
+    # may reach the network (tests/models/test_hub.py serves a fake hub on 127.0.0.1).
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
 def png_bytes(width: int = 32, height: int = 32, seed: int = 0) -> bytes:

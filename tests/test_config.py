@@ -125,3 +125,37 @@ def test_vision_defaults_are_applied_and_reported(tmp_path):
         apply_vision_defaults(text_only, supports_vision=False, device_type="cpu", bf16_ok=False)
         == []
     )
+
+
+def test_relative_model_directory_resolves_from_the_toml_folder(tmp_path, monkeypatch):
+    jobs = tmp_path / "jobs"
+    (jobs / "ckpt" / "final").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)  # not the TOML's folder
+
+    def model(name: str):
+        return load_job(write_in(jobs, GOOD.replace('"tiny-qwen3-vl"', f'"{name}"'))).job
+
+    assert model("ckpt/final").model == str((jobs / "ckpt" / "final").resolve())
+    assert model("./ckpt").model == str((jobs / "ckpt").resolve())
+    # "./" is a path even when missing, so the error names the directory tried.
+    assert model("./missing").model == str((jobs / "missing").resolve())
+    # Hub ids, registry and hosted names stay as written.
+    for name in ("Qwen/Qwen3-VL-8B-Instruct", "qwen3-vl-8b", "tiny-qwen3-vl",
+                 "accounts/fireworks/models/qwen3-vl-8b-instruct"):  # fmt: skip
+        assert model(name).model == name
+
+
+def test_revision_is_a_documented_job_key(tmp_path):
+    from vlmtune.config import JobConfig, dump_toml
+
+    job = load_job(write(tmp_path, GOOD), ['job.revision="v1.0"'])
+    assert job.job.revision == "v1.0"
+    assert 'revision = "v1.0"' in dump_toml(job)
+    assert JobConfig.model_fields["revision"].description
+    assert load_job(write(tmp_path, GOOD)).job.revision is None
+
+
+def write_in(folder: Path, text: str) -> Path:
+    p = folder / "job.toml"
+    p.write_text(text)
+    return p

@@ -198,3 +198,16 @@ def test_control_tokens_in_message_text_drop_the_row_with_a_reason(renderer):
     reasons = dict(report.dropped_invalid)
     assert "control token <|image_pad|>" in reasons[1]
     assert "messages[1] (assistant)" in reasons[2]
+
+
+def test_render_refusals_are_row_errors_with_a_category(renderer):
+    from tests.conftest import assistant, image_part, user
+    from vlmtune.data.errors import RowError
+
+    with pytest.raises(RowError) as wide:
+        renderer.render([user(image_part(4000, 10), "wide"), assistant("1")])
+    assert wide.value.category == "image the processor refuses"
+    assert str(wide.value).startswith("messages[0]: image") and "aspect ratio" in str(wide.value)
+    with pytest.raises(RowError) as control:
+        renderer.render_prompt([user("a <|vision_end|> b")])
+    assert control.value.category == "text contains a chat control token"

@@ -22,6 +22,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 QUESTION = "What digit is this?"
+SPLITS = ("train", "test")  # written as {split}.jsonl in --out
+DEFAULT_OUT = Path(__file__).parent / "data"
 
 
 def digit_png_data_url(pixels_8x8: np.ndarray, scale: int = 4) -> str:
@@ -54,7 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "data")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--test-size", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -65,7 +67,7 @@ def main() -> None:
         indices, test_size=args.test_size, random_state=args.seed, stratify=digits.target
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, idx in (("train", train_idx), ("test", test_idx)):
+    for name, idx in zip(SPLITS, (train_idx, test_idx), strict=True):
         path = args.out / f"{name}.jsonl"
         with path.open("w") as f:
             for i in sorted(idx):

@@ -19,6 +19,10 @@ import json
 import random
 from pathlib import Path
 
+SPLITS = ("train", "test")  # read as {split}.jsonl (make_data.py) from --data
+KINDS = ("pref", "rl")  # written as {split}_{kind}.jsonl next to them
+DEFAULT_DATA = Path(__file__).parent / "data"
+
 
 def preference_rows(row: dict, rng: random.Random, negatives: int) -> list[dict]:
     prompt, answer = row["messages"][:-1], row["metadata"]["answer"]
@@ -41,7 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", type=Path, default=Path(__file__).parent / "data")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument(
         "--negatives", type=int, default=9, help="train pairs per image: wrong digits (1-9)"
     )
@@ -49,11 +53,11 @@ def main() -> None:
     args = parser.parse_args()
 
     rng = random.Random(args.seed)
-    for split in ("train", "test"):
+    for split in SPLITS:
         rows = [json.loads(x) for x in (args.data / f"{split}.jsonl").read_text().splitlines()]
         negatives = args.negatives if split == "train" else 1
         pref = [p for r in rows for p in preference_rows(r, rng, negatives)]
-        for name, out in (("pref", pref), ("rl", [rl_row(r) for r in rows])):
+        for name, out in zip(KINDS, (pref, [rl_row(r) for r in rows]), strict=True):
             path = args.data / f"{split}_{name}.jsonl"
             path.write_text("".join(json.dumps(x) + "\n" for x in out))
             print(f"wrote {len(out)} rows to {path}")

@@ -9,7 +9,7 @@ from typing import Any
 
 from vlmtune.data.schema import SFTRow
 from vlmtune.render import split_prompt_and_answer
-from vlmtune.sdk.client import SamplingClient
+from vlmtune.sdk.protocol import SamplingClientProtocol
 from vlmtune.types import SamplingParams
 
 
@@ -58,7 +58,7 @@ def evaluate_exact_match_remote(
 
 
 def evaluate_exact_match(
-    sampler: SamplingClient,
+    sampler: SamplingClientProtocol,
     rows: Sequence[SFTRow],
     *,
     max_new_tokens: int = 32,

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from vlmtune.data.errors import RowError
 from vlmtune.data.schema import ImagePart, Message, SFTRow, TextPart
 from vlmtune.models.vision import ImagePreprocessor
 from vlmtune.types import Datum, EncodedTextChunk, ImageChunk, ModelInput, TensorData
@@ -125,15 +126,19 @@ class Renderer:
 
     def _layout(
         self, messages: list[Message], train_on: TrainOn, generation_prompt: bool
-    ) -> tuple[list[tuple[str, float]], list[ImagePart], int]:
-        """(text pieces with weights, kept images in order, images dropped)."""
+    ) -> tuple[list[tuple[str, float]], list[tuple[ImagePart, int]], int]:
+        """(text pieces with weights, kept images and their token counts, images dropped).
+
+        Raises ``RowError`` (a ``ValueError``) for a conversation that cannot be rendered:
+        a chat control token in the text, or an image the processor refuses.
+        """
         if train_on not in ("all_assistant", "last_assistant"):
             raise ValueError(
                 f"train_on must be 'all_assistant' or 'last_assistant', got {train_on!r}"
             )
         _check_no_control_tokens(messages)
         pieces: list[tuple[str, float]] = []
-        images: list[ImagePart] = []
+        images: list[tuple[ImagePart, int]] = []
         dropped = 0
         last_assistant = max(
             (i for i, m in enumerate(messages) if m.role == "assistant"), default=-1
@@ -153,7 +158,7 @@ class Renderer:
                         n_images < self.max_images_per_message
                     ):
                         n_images += 1
-                        images.append(p)
+                        images.append((p, self._image_tokens(p, i)))
                         pieces.append((f"{VISION_START}{IMAGE_PAD}{VISION_END}", 0.0))
                     else:
                         dropped += 1
@@ -172,8 +177,21 @@ class Renderer:
             pieces.append((f"{IM_START}assistant\n", 0.0))
         return pieces, images, dropped
 
+    def _image_tokens(self, image: ImagePart, message: int) -> int:
+        try:
+            return self.image_preprocessor.num_tokens(image.width, image.height)
+        except ValueError as e:  # e.g. an aspect ratio beyond the processor's limit
+            # A data URL's source is its own bytes: the message already gives the size.
+            shown = image.source and not image.source.startswith("data:")
+            where = f" ({image.source})" if shown else ""
+            raise RowError(
+                f"image{where}: {e}",
+                category="image the processor refuses",
+                field=f"messages[{message}]",
+            ) from None
+
     def _tokenize(
-        self, pieces: list[tuple[str, float]], images: list[ImagePart], dropped: int
+        self, pieces: list[tuple[str, float]], images: list[tuple[ImagePart, int]], dropped: int
     ) -> Rendered:
         text = "".join(t for t, _ in pieces)
         starts: list[int] = []
@@ -190,11 +208,10 @@ class Renderer:
         image_iter = iter(images)
         for token_id, (start, end) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
             if token_id == self.image_token_id:
-                image = next(image_iter)
+                image, n = next(image_iter)
                 if run:
                     chunks.append(EncodedTextChunk(tokens=run))
                     run = []
-                n = self.image_preprocessor.num_tokens(image.width, image.height)
                 chunks.append(
                     ImageChunk(data=image.data, format=image_format(image.mime), expected_tokens=n)
                 )
@@ -251,8 +268,10 @@ def _check_no_control_tokens(messages: list[Message]) -> None:
             if isinstance(p, TextPart):
                 for tok in CONTROL_TOKENS:
                     if tok in p.text:
-                        raise ValueError(
-                            f"messages[{i}] ({m.role}): text contains the control token {tok}"
+                        raise RowError(
+                            f"text contains the control token {tok}",
+                            category="text contains a chat control token",
+                            field=f"messages[{i}] ({m.role})",
                         )
 
 
@@ -273,6 +292,7 @@ def datum_from_rendered(rendered: Rendered, image_token_id: int) -> Datum:
             "target_tokens": TensorData.from_numpy(np.asarray(ids[1:], dtype=np.int64)),
             "weights": TensorData.from_numpy(np.asarray(rendered.weights[1:], dtype=np.float32)),
         },
+        images_dropped=rendered.images_dropped,
     )
 
 
@@ -319,25 +339,31 @@ def build_sft_datums(
     train_on: TrainOn = "all_assistant",
 ) -> tuple[list[Datum], RenderReport]:
     """Render rows into Datums. A row whose Datum input would exceed ``sequence_length``
-    tokens (rendered length - 1) is dropped and reported, never truncated."""
+    tokens (rendered length - 1) is dropped and reported, never truncated.
+
+    The checks are ``render_rows.render_row``'s, the ones training and ``vlmtune data
+    validate --config`` apply.
+    """
+    # Imported here: render_rows builds on this module.
+    from vlmtune.render_rows import NO_WEIGHT, TOO_LONG, RenderLimits, render_row
+
+    limits = RenderLimits(sequence_length=sequence_length, train_on=train_on)
     datums: list[Datum] = []
     report = RenderReport()
     for row in rows:
         report.total += 1
-        try:
-            rendered = renderer.render(row.messages, train_on)
-        except ValueError as e:  # e.g. an image aspect ratio the processor refuses
-            report.dropped_invalid.append((row.line, str(e)))
-            continue
-        if rendered.images_dropped:
-            report.images_dropped += rendered.images_dropped
+        result = render_row(row, renderer, limits)
+        if result.images_dropped:
+            report.images_dropped += result.images_dropped
             report.images_dropped_lines.append(row.line)
-        if rendered.length - 1 > sequence_length:
-            report.dropped_too_long.append((row.line, rendered.length))
-            continue
-        if not any(w > 0 for w in rendered.weights[1:]):
+        problem = result.problem
+        if problem is None:
+            datums.append(datum_from_rendered(result.sides[0], renderer.image_token_id))
+            report.kept += 1
+        elif problem.category == TOO_LONG:
+            report.dropped_too_long.append((row.line, result.length))
+        elif problem.category == NO_WEIGHT:
             report.dropped_no_weight.append(row.line)
-            continue
-        datums.append(datum_from_rendered(rendered, renderer.image_token_id))
-        report.kept += 1
+        else:
+            report.dropped_invalid.append((row.line, str(problem)))
     return datums, report

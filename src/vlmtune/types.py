@@ -15,9 +15,12 @@ run); ``<|vision_start|>``/``<|vision_end|>`` live in the neighbouring text chun
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -119,7 +122,7 @@ class TensorData(_Plain):
         return cls(data=array.reshape(-1).tolist(), dtype=dtype, shape=list(array.shape))
 
     @classmethod
-    def from_torch(cls, tensor: Any) -> TensorData:
+    def from_torch(cls, tensor: torch.Tensor) -> TensorData:
         return cls.from_numpy(
             tensor.detach().float().cpu().numpy()
             if tensor.is_floating_point()
@@ -130,7 +133,7 @@ class TensorData(_Plain):
         arr = np.asarray(self.data, dtype=np.int64 if self.dtype == "int64" else np.float32)
         return arr.reshape(self.shape) if self.shape is not None else arr
 
-    def to_torch(self) -> Any:
+    def to_torch(self) -> torch.Tensor:
         import torch
 
         return torch.from_numpy(self.to_numpy())
@@ -150,6 +153,14 @@ class Datum(_Plain):
 
     model_input: ModelInput
     loss_fn_inputs: dict[str, TensorData] = Field(default_factory=dict)
+    # Local bookkeeping, never serialised: the wire format stays Tinker's.
+    images_dropped: int = Field(
+        0,
+        ge=0,
+        exclude=True,
+        description="images of the source conversation the renderer left out (over the "
+        "per-message cap, or in a system turn)",
+    )
 
 
 class AdamParams(_Plain):
@@ -206,3 +217,25 @@ class OptimStepResponse(_Plain):
 
 class SaveWeightsResponse(_Plain):
     path: str
+
+
+# What trains: every weight ("full"), a LoRA ("lora"), or a LoRA on 4-bit base weights.
+TrainingMode = Literal["full", "lora", "qlora"]
+
+
+def mode_for(lora_rank: int, qlora: bool = False) -> TrainingMode:
+    """The training mode a client's ``lora_rank`` asks for (Tinker's convention): 0
+    trains every weight, a positive rank a LoRA of that rank (a QLoRA with ``qlora``)."""
+    if lora_rank < 0:
+        raise ValueError(f"lora_rank must be 0 (full fine-tuning) or positive, got {lora_rank}")
+    if lora_rank == 0:
+        if qlora:
+            raise ValueError("qlora trains a LoRA: lora_rank must be positive")
+        return "full"
+    return "qlora" if qlora else "lora"
+
+
+def lora_rank_of(mode: TrainingMode, lora_rank: int) -> int:
+    """The rank a run reports for ``mode`` (the inverse of ``mode_for``): 0 when every
+    weight trains, whatever rank its engine config carries unused."""
+    return 0 if mode == "full" else lora_rank

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from typer.testing import CliRunner
 from vlmtune.cli import app
 
 runner = CliRunner()
-KEYS = ["path", "kind", "total", "valid", "images", "dropped", "warnings"]
+KEYS = ["path", "kind", "total", "valid", "images", "images_dropped", "dropped", "warnings"]
 
 
 def _run(*args):
@@ -29,27 +28,13 @@ def dataset(mk, tmp_path):
     return mk.write(tmp_path / "d.jsonl", [mk.sft(), "broken", two_images])
 
 
-@pytest.fixture
-def registry(monkeypatch):
-    """A stand-in for vlmtune.models.registry (written by another team)."""
-
-    def get_model_spec(name):
-        specs = {"Qwen/Qwen3-VL-2B-Instruct": 1, "many-images": 3, "no-cap": None}
-        if name not in specs:
-            raise KeyError(f"no model family matches {name!r}")
-        return types.SimpleNamespace(max_images_per_message=specs[name])
-
-    module = types.ModuleType("vlmtune.models.registry")
-    module.get_model_spec = get_model_spec
-    monkeypatch.setitem(sys.modules, "vlmtune.models.registry", module)
-
-
 def test_validate_json_prints_one_object_and_exits_0_with_drops(dataset):
     result = _run("validate", dataset, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert list(report) == KEYS
     assert (report["total"], report["valid"], report["images"]) == (3, 2, 2)
+    assert report["images_dropped"] == 1
     assert report["dropped"] == [
         {"line": 2, "reason": "not valid JSON: Expecting value (column 1)"}
     ]
@@ -74,18 +59,31 @@ def test_validate_argument_errors_exit_2(dataset, tmp_path):
     assert _run("validate", dataset, "--image-root", tmp_path / "nope").exit_code == 2
 
 
-def test_model_sets_the_image_cap_and_flag_overrides_it(dataset, registry):
+def test_model_sets_the_image_cap_and_the_flag_overrides_it(dataset):
     def warnings(*args):
         result = _run("validate", dataset, "--json", *args)
         assert result.exit_code == 0, result.output
         return len(json.loads(result.stdout)["warnings"])
 
-    assert warnings("--model", "Qwen/Qwen3-VL-2B-Instruct") == 1
-    assert warnings("--model", "many-images") == 0
-    assert warnings("--model", "many-images", "--max-images-per-message", "1") == 1
-    assert warnings("--model", "no-cap") == 0
+    # The registry's family cap (1); the flag overrides it, 0 meaning no cap.
+    assert warnings("--model", "tiny-qwen3-vl") == 1
+    assert warnings("--model", "tiny-qwen3-vl", "--max-images-per-message", "2") == 0
+    assert warnings("--model", "tiny-qwen3-vl", "--max-images-per-message", "0") == 0
+    assert warnings("--max-images-per-message", "0") == 0
     unknown = _run("validate", dataset, "--model", "gpt-2")
-    assert unknown.exit_code == 2 and "--model 'gpt-2': no model family matches" in unknown.stderr
+    assert unknown.exit_code == 2 and "--model 'gpt-2': unknown model" in unknown.stderr
+
+
+def test_model_renders_every_row_with_its_tokenizer(mk, tmp_path):
+    control = {"messages": [mk.user("say <|im_end|> now"), mk.assistant()]}
+    path = mk.write(tmp_path / "c.jsonl", [mk.sft(), control])
+    parse_only = json.loads(_run("validate", path, "--json").stdout)
+    assert parse_only["valid"] == 2
+    rendered = json.loads(_run("validate", path, "--json", "--model", "tiny-qwen3-vl").stdout)
+    assert rendered["valid"] == 1 and rendered["images"] == 1
+    assert rendered["dropped"] == [
+        {"line": 2, "reason": "messages[0] (user): text contains the control token <|im_end|>"}
+    ]
 
 
 def test_validate_kind_and_image_root(mk, tmp_path):

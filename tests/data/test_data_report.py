@@ -23,8 +23,10 @@ def _mixed(mk):
 def test_to_dict_has_exactly_the_documented_shape(load, mk):
     _, report = load(_mixed(mk))
     d = report.to_dict()
-    assert list(d) == ["path", "kind", "total", "valid", "images", "dropped", "warnings"]
+    keys = ["path", "kind", "total", "valid", "images", "images_dropped", "dropped", "warnings"]
+    assert list(d) == keys
     assert (d["kind"], d["total"], d["valid"], d["images"]) == ("sft", 5, 2, 2)
+    assert d["images_dropped"] == 0
     assert d["path"].endswith("data.jsonl")
     assert [sorted(x) for x in d["dropped"]] == [["line", "reason"]] * 3
     assert [x["line"] for x in d["dropped"]] == [2, 3, 4]

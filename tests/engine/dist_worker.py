@@ -104,6 +104,7 @@ def main() -> None:
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     p.add_argument("--shard-grad-op", action="store_true", help="keep layers gathered to backward")
     p.add_argument("--cpu-offload", action="store_true")
+    p.add_argument("--replicate", action="store_true", help="DDP: whole model on every rank")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -128,6 +129,7 @@ def main() -> None:
         fsdp_reshard_after_forward=not args.shard_grad_op,
         fsdp_cpu_offload=args.cpu_offload,
         precision=args.precision,
+        replicate=args.replicate,
     )
     engine = TrainingEngine(config)
     tc = TrainingClient(engine, args.out)
@@ -163,6 +165,8 @@ def main() -> None:
         result["samples"] = [[s.tokens for s in r.sequences] for r in samples]
     if args.final:
         engine.save_weights_for_sampler(args.final)
+    if args.save_at:  # what each rank holds after the last step (replicas must agree)
+        result["trainable_sum"] = sum(float(p.detach().double().sum()) for p in engine.trainable_params)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank-{engine.dist.rank}.json").write_text(json.dumps(result))
     if engine.dist.enabled:

@@ -113,6 +113,25 @@ def test_sharded_checkpoint_resumes_on_one_rank(full_runs):
     assert_same_curve(one, resumed, [3, 4])
 
 
+def test_sharded_lora_checkpoint_holds_only_the_adapter_and_resumes_on_one_rank(tmp_path):
+    """Each rank writes its shard of the adapter (and of Adam's moments), none of the
+    frozen base: not even the tied LM head, which FSDP's own filter lets through."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    args = ("--mode", "lora", "--steps", "3")
+    one = run_worker(1, tmp_path / "one", *args)[0]
+    run_worker(2, tmp_path / "two", *args, "--save-at", "2")
+    ckpt = tmp_path / "two" / "step-2"
+    keys = FileSystemReader(str(ckpt / "dcp")).read_metadata().state_dict_metadata
+    model_keys = [k for k in keys if k.startswith("model.")]
+    assert model_keys and all(".lora_A." in k or ".lora_B." in k for k in model_keys)
+    size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+    # ~0.5 MB of tensors, ~2 MB with DCP's per-shard overhead; the frozen base is ~80 MB.
+    assert size < 4e6
+    resumed = run_worker(1, tmp_path / "resumed", *args, "--resume", str(ckpt))[0]
+    assert_same_curve(one, resumed, [3])
+
+
 def test_single_process_checkpoint_resumes_on_two_ranks(full_runs):
     root, one, _, _ = full_runs
     two = run_worker(
@@ -156,6 +175,31 @@ def test_lora_two_ranks_match_one_rank_with_a_coupled_custom_loss_and_sampling(t
     assert [len(r) for r in two[0]["samples"]] == [2, 2]
 
 
+def test_replicated_lora_two_ranks_match_one_rank(tmp_path, tiny_dir):
+    """Data-parallel without sharding (what qlora runs): each rank holds the whole model,
+    only the trainable gradients are all-reduced; the curve, the coupled custom loss, the
+    samples, the checkpoint and final/ equal one process's."""
+    args = ("--mode", "lora", "--steps", "3", "--custom", "--sample", "--save-at", "2")
+    one = run_worker(1, tmp_path / "one", *args, "--final", str(tmp_path / "one" / "final"))[0]
+    two = run_worker(
+        2, tmp_path / "two", *args, "--replicate", "--final", str(tmp_path / "two" / "final")
+    )
+    assert two[0]["param_type"] == two[1]["param_type"] == "Tensor"  # not a DTensor shard
+    assert_same_curve(one, two[0], [1, 2, 3])
+    assert two[0]["steps"] == two[1]["steps"]
+    assert two[0]["custom"][0] == pytest.approx(one["custom"][0], rel=LOSS_RTOL)
+    assert two[0]["custom"][1] == pytest.approx(one["custom"][1], rel=NORM_RTOL)
+    assert two[0]["samples"] == two[1]["samples"]
+    # The replicas stay identical: both ranks applied the same summed gradient.
+    assert two[0]["trainable_sum"] == two[1]["trainable_sum"]
+    assert (tmp_path / "two" / "final" / "adapter_model.safetensors").is_file()
+    # The replicated checkpoint resumes in one plain process on the same curve.
+    resumed = run_worker(
+        1, tmp_path / "resumed", "--mode", "lora", "--steps", "3", "--resume", str(tmp_path / "two" / "step-2")
+    )[0]
+    assert_same_curve(one, resumed, [3])
+
+
 def test_lora_adapter_dir_continues_on_two_ranks_with_weights_only_on_rank_0(tmp_path, tiny_dir):
     """Continuing a saved adapter: rank 1 sees neither the adapter's weights nor the
     base model's, and the 2-rank curve still equals the 1-rank one."""
@@ -182,7 +226,13 @@ def test_moe_two_ranks_give_the_one_rank_curve(tmp_path):
     one = run_worker(1, tmp_path / "one", *args)[0]
     two = run_worker(2, tmp_path / "two", *args, "--weights-only-on-rank-0")
     assert two[1]["weight_files"] == []
-    assert_same_curve(one, two[0], [1, 2, 3])
+    assert_same_curve(one, two[0], [1])
+    # After the first update the curves agree to 1e-2, not 1e-4: Adam's first step moves
+    # every element by lr * sign(g), and the experts that see few tokens have many
+    # near-zero gradient elements whose sign follows the summation order (which differs
+    # between one and two ranks; measured 2e-3 on transformers 5.24's expert kernels).
+    for s in (2, 3):
+        assert two[0]["steps"][str(s)][0] == pytest.approx(one["steps"][str(s)][0], rel=1e-2)
 
 
 def test_checkpointing_and_layers_kept_gathered_give_the_same_curve(tmp_path):

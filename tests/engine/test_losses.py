@@ -92,3 +92,72 @@ def test_kl_k3_is_zero_when_equal_and_positive_otherwise():
     assert losses.kl_penalty_k3(torch.tensor([-2.0]), torch.tensor([-1.0])).item() == pytest.approx(
         0.718282, abs=1e-6
     )
+
+
+def test_dpo_reward_accuracy_counts_float_noise_ties_as_half():
+    """beta = 0.1, three pairs (policy chosen, policy rejected, ref chosen, ref rejected):
+    a win (-1, -3, -2, -2): margin 0.2 -> 1; an exact tie (all -2): margin 0 -> 0.5;
+    float noise (-8 - 1 ulp, -8, -8, -8): margin -0.1 * 2^-20 = -9.5e-8, inside the
+    tolerance 0.1 * 64 * 2^-23 * 32 = 2.4e-5 -> a tie, 0.5 (a strict ``>`` called it a loss).
+    accuracy = (1 + 0.5 + 0.5) / 3 = 2/3, ties 2/3. A margin of 1e-4 (pc = -8 + 1e-3)
+    is outside the tolerance: a win."""
+    below_8 = torch.nextafter(torch.tensor(-8.0), torch.tensor(-9.0)).item()
+    assert below_8 == -8.0 - 2**-20  # one float32 ulp beyond 8
+    _, m = losses.dpo_loss(
+        torch.tensor([-1.0, -2.0, below_8]),
+        torch.tensor([-3.0, -2.0, -8.0]),
+        torch.tensor([-2.0, -2.0, -8.0]),
+        torch.tensor([-2.0, -2.0, -8.0]),
+        beta=0.1,
+    )
+    assert m["reward_accuracy"] == pytest.approx(2 / 3)
+    assert m["reward_ties"] == pytest.approx(2 / 3)
+    _, m = losses.dpo_loss(
+        torch.tensor([-8.0 + 1e-3]),
+        torch.tensor([-8.0]),
+        torch.tensor([-8.0]),
+        torch.tensor([-8.0]),
+        beta=0.1,
+    )
+    assert m["reward_accuracy"] == 1.0 and m["reward_ties"] == 0.0
+
+
+# ---- the registry -------------------------------------------------------------------------
+def test_registry_ppo_reads_clip_thresholds_with_fallbacks():
+    """Tinker's ``clip_*_threshold`` wins over the short ``clip_*``; absent, 0.2."""
+    ppo = losses.loss_spec("ppo")
+    assert ppo.kwargs({}) == {"clip_low": 0.2, "clip_high": 0.2}
+    assert ppo.kwargs({"clip_low": 0.1}) == {"clip_low": 0.1, "clip_high": 0.2}
+    both = {"clip_low_threshold": 0.3, "clip_low": 0.1, "clip_high_threshold": 0.5}
+    assert ppo.kwargs(both) == {"clip_low": 0.3, "clip_high": 0.5}
+    assert ppo.config_keys == ("clip_low_threshold", "clip_low", "clip_high_threshold", "clip_high")
+
+
+def test_registry_call_is_the_loss_by_hand():
+    """The PPO example above through the registry, clip_high 0.8 instead of 0.2:
+    r = 1.6487 < 1.8 is no longer clipped, so loss = -1.6487 + 0.8 - 3 = -3.8487."""
+    inputs = {"logprobs": torch.zeros(1, 3), "advantages": torch.tensor([[1.0, -1.0, 3.0]])}
+    logp = torch.tensor([[0.5, -0.5, 0.0]])
+    loss, m = losses.loss_spec("ppo")(logp, inputs, {"clip_high_threshold": 0.8})
+    assert loss.item() == pytest.approx(-math.exp(0.5) + 0.8 - 3, abs=1e-5)
+    assert m["clip_fraction:mean"] == pytest.approx(1 / 3)
+
+
+def test_registry_required_inputs_and_positions():
+    """cross_entropy's weights may be omitted (a server fills 1.0); the RL losses need
+    the sampler's logprobs and the advantages, which also mark the positions."""
+    spec = losses.LOSSES
+    assert spec["cross_entropy"].required_inputs == ("target_tokens",)
+    assert spec["cross_entropy"].fill == {"weights": 1.0}
+    for name in ("importance_sampling", "ppo"):
+        assert spec[name].required_inputs == ("target_tokens", "logprobs", "advantages")
+        assert spec[name].positions == "advantages"
+    assert losses.known_inputs() == ("target_tokens", "weights", "logprobs", "advantages")
+
+
+def test_unknown_loss_names_the_built_ins():
+    with pytest.raises(ValueError) as e:
+        losses.loss_spec("dpo")
+    assert str(e.value) == (
+        "unknown loss_fn 'dpo'; built-ins: ['cross_entropy', 'importance_sampling', 'ppo']"
+    )

@@ -1,23 +1,29 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from vlmtune.models.adapters import LoraSettings
 from vlmtune.models.loading import (
+    BuildOptions,
     LoadedModel,
     ModelNotFoundError,
+    ModelRequest,
     load_model,
     load_processor,
-    merge_adapter_to_dir,
     resolve_model_path,
-    save_model_dir,
     trainable_parameter_count,
 )
 from vlmtune.models.registry import TINY_SPEC
+from vlmtune.models.saving import merge_adapter_to_dir, save_model_dir
+
+LORA = ModelRequest("tiny-qwen3-vl", mode="lora")
+LORA_4 = ModelRequest("tiny-qwen3-vl", mode="lora", lora=LoraSettings(r=4))
 
 
 @pytest.fixture(scope="module")
@@ -93,13 +99,13 @@ def test_full_mode_freezing() -> None:
     # Defaults: the training pixel limits of the spec.
     assert lm.processor.image_processor.size["shortest_edge"] == TINY_SPEC.min_pixels
 
-    lm = load_model("tiny-qwen3-vl", freeze_vision_tower=False, freeze_projector=True)
+    lm = load_model(ModelRequest("tiny-qwen3-vl", freeze_vision_tower=False, freeze_projector=True))
     names = _trainable_names(lm.model)
     assert any(n.startswith("model.visual.blocks.") for n in names)
     assert not any(n.startswith("model.visual.merger.") for n in names)
     assert not any(n.startswith("model.visual.deepstack_merger_list.") for n in names)
 
-    lm = load_model("tiny-qwen3-vl", freeze_vision_tower=True, freeze_projector=False)
+    lm = load_model(ModelRequest("tiny-qwen3-vl", freeze_vision_tower=True, freeze_projector=False))
     names = _trainable_names(lm.model)
     assert any(n.startswith("model.visual.merger.") for n in names)
     assert any(n.startswith("model.visual.deepstack_merger_list.") for n in names)
@@ -109,7 +115,7 @@ def test_full_mode_freezing() -> None:
 
 
 def test_lora_targets_language_linears_only(batch) -> None:
-    lm = load_model("tiny-qwen3-vl", mode="lora", lora_r=4)
+    lm = load_model(LORA_4)
     names = _trainable_names(lm.model)
     assert names and all("lora_" in n for n in names)
     assert all(".language_model." in n for n in names)
@@ -123,27 +129,31 @@ def test_lora_targets_language_linears_only(batch) -> None:
 
 def test_lora_options() -> None:
     lm = load_model(
-        "tiny-qwen3-vl",
-        mode="lora",
-        target_modules=["q_proj", "v_proj", "qkv"],
-        freeze_vision_tower=False,
+        ModelRequest(
+            "tiny-qwen3-vl",
+            mode="lora",
+            lora=LoraSettings(target_modules=["q_proj", "v_proj", "qkv"]),
+            freeze_vision_tower=False,
+        )
     )
     names = _trainable_names(lm.model)
     assert any(".visual.blocks." in n for n in names)  # unfrozen tower gets adapters...
     assert not any(".merger." in n for n in names)  # ...the frozen projector does not
     assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in names} <= {"q_proj", "v_proj", "qkv"}
     with pytest.raises(ValueError, match="no linear layer"):
-        load_model("tiny-qwen3-vl", mode="lora", target_modules=["nope"])
+        load_model(
+            ModelRequest("tiny-qwen3-vl", mode="lora", lora=LoraSettings(target_modules=["nope"]))
+        )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
 def test_qlora_on_cpu_is_a_clear_error() -> None:
     with pytest.raises(RuntimeError, match="qlora needs a CUDA GPU"):
-        load_model("tiny-qwen3-vl", mode="qlora")
+        load_model(ModelRequest("tiny-qwen3-vl", mode="qlora"))
 
 
 def test_gradient_checkpointing(batch) -> None:
-    lm = load_model("tiny-qwen3-vl", mode="lora", gradient_checkpointing=True)
+    lm = load_model(LORA, BuildOptions(gradient_checkpointing=True))
     lm.model.train()
     lm.model(**batch).logits.sum().backward()
     assert any(p.grad is not None for p in lm.model.parameters() if p.requires_grad)
@@ -167,11 +177,11 @@ def test_save_full_model_dir(tmp_path: Path, batch) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
 
 
-def test_adapter_save_load_and_merge(tmp_path: Path, batch) -> None:
+def test_adapter_save_load_and_merge(tmp_path: Path, batch, tiny_dir: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    lm = load_model("tiny-qwen3-vl", mode="lora", lora_r=4)
+    lm = load_model(LORA_4)
     with torch.no_grad():  # LoRA B starts at zero: make the adapter do something
         for n, p in lm.model.named_parameters():
             if "lora_B" in n:
@@ -179,15 +189,21 @@ def test_adapter_save_load_and_merge(tmp_path: Path, batch) -> None:
         expected = lm.model(**batch).logits
     adapter = save_model_dir(lm, lm.processor, tmp_path / "adapter")
     cfg = json.loads((adapter / "adapter_config.json").read_text())
-    assert cfg["base_model_name_or_path"] == "tiny-qwen3-vl"
+    # Not the alias "tiny-qwen3-vl", which only vlmtune resolves: the directory itself.
+    assert cfg["base_model_name_or_path"] == str(tiny_dir.resolve())
     assert (adapter / "tokenizer.json").is_file() and (adapter / "chat_template.jinja").is_file()
 
-    base = AutoModelForImageTextToText.from_pretrained(
-        resolve_model_path(cfg["base_model_name_or_path"])
-    )
+    base = AutoModelForImageTextToText.from_pretrained(cfg["base_model_name_or_path"])
     peft_model = PeftModel.from_pretrained(base, adapter)
+    # transformers' peft integration loads base + adapter from the directory alone.
+    integrated = AutoModelForImageTextToText.from_pretrained(adapter, local_files_only=True)
     with torch.no_grad():
         assert torch.allclose(peft_model(**batch).logits, expected, atol=1e-4)
+        assert torch.allclose(integrated(**batch).logits, expected, atol=1e-4)
+
+    # An adapter saved before the base was recorded as a directory still merges.
+    old_cfg = {**cfg, "base_model_name_or_path": "tiny-qwen3-vl"}
+    (adapter / "adapter_config.json").write_text(json.dumps(old_cfg))
 
     merged_dir = merge_adapter_to_dir(adapter, tmp_path / "merged")
     merged = AutoModelForImageTextToText.from_pretrained(merged_dir)
@@ -196,11 +212,56 @@ def test_adapter_save_load_and_merge(tmp_path: Path, batch) -> None:
         assert torch.allclose(merged(**batch).logits, expected, atol=1e-4)
     assert load_model(str(merged_dir)).spec.params == TINY_SPEC.params
 
+    # Loading the adapter dir for full training merges it the same way, weight for weight.
+    folded = load_model(str(adapter)).model
+    assert folded.state_dict().keys() == merged.state_dict().keys()
+    assert all(torch.equal(t, merged.state_dict()[k]) for k, t in folded.state_dict().items())
+    # LoRA mode keeps training the saved adapter: its rank wins over the request's.
+    resumed = load_model(ModelRequest(str(adapter), mode="lora", lora=LoraSettings(r=16))).model
+    assert resumed.peft_config["default"].r == 4
+    assert _trainable_names(resumed) == _trainable_names(lm.model)
+    with torch.no_grad():
+        assert torch.allclose(resumed(**batch).logits, expected, atol=1e-4)
+    # Without weights (an FSDP rank > 0): the same modules, adapter included, on meta.
+    shell = load_model(
+        ModelRequest(str(adapter), mode="lora"), BuildOptions(structure_only=True)
+    ).model
+    assert {n for n, _ in shell.named_parameters()} == {n for n, _ in resumed.named_parameters()}
+    assert all(p.is_meta for p in shell.parameters())
+    assert _trainable_names(shell) == _trainable_names(resumed)
+
+
+def test_model_request_names_a_bad_mode() -> None:
+    with pytest.raises(ValueError, match="mode must be 'full', 'lora' or 'qlora', got 'fft'"):
+        ModelRequest("tiny-qwen3-vl", mode="fft")  # type: ignore[arg-type]
+
+
+def test_adapter_base_is_a_hub_id_or_an_absolute_directory(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vlmtune.models.loading import portable_base_name
+    from vlmtune.models.registry import get_model_spec
+
+    assert portable_base_name(TINY_SPEC, tiny_dir, "tiny-qwen3-vl") == str(tiny_dir.resolve())
+    spec_8b = get_model_spec("qwen3-vl-8b")
+    assert portable_base_name(spec_8b, tmp_path, "qwen3-vl-8b") == "Qwen/Qwen3-VL-8B-Instruct"
+    # A cached hub id outside the registry: its spec is named after the snapshot dir.
+    snap = _hf_cache(tmp_path / "hub", "someorg/Custom-VL")
+    custom = replace(TINY_SPEC, name=str(snap))
+    assert portable_base_name(custom, snap, "someorg/Custom-VL") == "someorg/Custom-VL"
+    # A relative directory that looks like owner/name is a directory, recorded absolute.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "base").mkdir(parents=True)
+    local = replace(TINY_SPEC, name="runs/base")
+    assert portable_base_name(local, Path("runs/base"), "runs/base") == str(
+        (tmp_path / "runs" / "base").resolve()
+    )
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_lora_bf16_on_cuda(batch) -> None:
-    lm = load_model("tiny-qwen3-vl", mode="lora", dtype=torch.bfloat16, device="cuda")
+    lm = load_model(LORA, BuildOptions(dtype=torch.bfloat16, device="cuda"))
     cuda_batch = {k: v.to("cuda") for k, v in batch.items()}
     lm.model(**cuda_batch).logits.float().logsumexp(-1).mean().backward()
     assert all(p.grad is not None for p in lm.model.parameters() if p.requires_grad)
@@ -210,7 +271,10 @@ def test_lora_bf16_on_cuda(batch) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_qlora_on_cuda(batch) -> None:
     pytest.importorskip("bitsandbytes")
-    lm = load_model("tiny-qwen3-vl", mode="qlora", dtype=torch.bfloat16, device="cuda")
+    lm = load_model(
+        ModelRequest("tiny-qwen3-vl", mode="qlora"),
+        BuildOptions(dtype=torch.bfloat16, device="cuda"),
+    )
     assert any(type(m).__name__ == "Linear4bit" for m in lm.model.modules())
     cuda_batch = {k: v.to("cuda") for k, v in batch.items()}
     lm.model(**cuda_batch).logits.float().logsumexp(-1).mean().backward()

@@ -11,7 +11,8 @@ import torch
 
 from tests.conftest import assistant, image_part, user
 from vlmtune.engine.engine import EngineConfig, TrainingEngine
-from vlmtune.models.loading import load_model, trainable_parameter_count
+from vlmtune.models.adapters import LoraSettings
+from vlmtune.models.loading import ModelRequest, load_model, trainable_parameter_count
 from vlmtune.models.registry import get_model_spec
 from vlmtune.planning.memory import dims_for, estimate_memory
 from vlmtune.render import datum_from_rendered
@@ -19,7 +20,7 @@ from vlmtune.types import AdamParams
 
 
 def test_tiny_moe_is_a_real_qwen3_vl_moe_with_the_registry_counts():
-    loaded = load_model("tiny-qwen3-vl-moe", mode="full")
+    loaded = load_model("tiny-qwen3-vl-moe")
     assert type(loaded.model).__name__ == "Qwen3VLMoeForConditionalGeneration"
     mlp = loaded.model.model.language_model.layers[0].mlp
     assert mlp.experts.gate_up_proj.shape == (4, 2 * 128, 128)
@@ -32,7 +33,7 @@ def test_tiny_moe_is_a_real_qwen3_vl_moe_with_the_registry_counts():
 
 
 def test_lora_on_moe_adapts_attention_only_and_the_planner_counts_it():
-    loaded = load_model("tiny-moe", mode="lora", lora_r=16)
+    loaded = load_model(ModelRequest("tiny-moe", mode="lora", lora=LoraSettings(r=16)))
     trainable = [n for n, p in loaded.model.named_parameters() if p.requires_grad]
     assert trainable and all(".self_attn." in n and ".lora_" in n for n in trainable)
     assert trainable_parameter_count(loaded.model)[0] == dims_for("tiny-moe").lora_params(16)

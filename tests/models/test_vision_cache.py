@@ -156,7 +156,7 @@ def test_engine_renderer_sampler_and_server_share_the_limits(tiny_dir) -> None:
     assert n_image == ip.num_tokens(200, 120) == int(batch.image_grid_thw.prod()) // 4
 
     # The server validates image chunks with the limits the engine will use.
-    from vlmtune.server.runs import model_pixels
+    from vlmtune.server.run_config import model_pixels
 
     _, server_lo, server_hi = model_pixels(engine.config)
     assert (server_lo, server_hi) == (lo, hi)

@@ -17,6 +17,7 @@ from vlmtune.config import DPOConfig
 from vlmtune.data import load_dataset
 from vlmtune.engine.engine import EngineConfig, TrainingEngine
 from vlmtune.recipes.dpo import make_loss_fn, render_pairs, response_logps
+from vlmtune.render_rows import RenderLimits
 from vlmtune.types import Datum, ImageChunk, ModelInput, TensorData
 
 runner = CliRunner()
@@ -81,12 +82,12 @@ def test_recipe_loss_sums_response_tokens_and_matches_hand_value():
 def test_chosen_and_rejected_see_the_same_image_tensors(tmp_path, tiny_dir):
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps(pref_row(3, "3", "8")) + "\n")
-    rows, _ = load_dataset(path, "preference")
     engine = TrainingEngine(
         EngineConfig(base_model=str(tiny_dir), mode="full", min_pixels=4096, max_pixels=4096)
     )
-    (pair,), _, report = render_pairs(rows, engine.renderer, sequence_length=256)
-    assert report["kept"] == 1
+    rows, report = load_dataset(path, "preference")
+    (pair,), (kept,) = render_pairs(rows, engine.renderer, RenderLimits(256), report)
+    assert kept is rows[0] and report.valid == 1 and not report.dropped
     chosen, rejected = pair
     (img_c,) = [c for c in chosen.model_input.chunks if isinstance(c, ImageChunk)]
     (img_r,) = [c for c in rejected.model_input.chunks if isinstance(c, ImageChunk)]
@@ -154,6 +155,8 @@ def test_dpo_cli_run_learns_a_repeated_pair_and_resumes(tmp_path):
     # policy's, so the margin is 0 and the loss log 2.
     assert steps[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert steps[0]["reward_margin"] == pytest.approx(0.0, abs=1e-4)
+    # ... and every pair a tie within float noise: chance, not the sign of that noise
+    assert steps[0]["reward_ties"] == 1.0 and steps[0]["reward_accuracy"] == 0.5
     assert steps[-1]["dpo_loss"] < steps[0]["dpo_loss"] - 0.1
     assert steps[-1]["reward_accuracy"] == 1.0
     evals = [r for r in records if "eval/dpo_loss" in r]

@@ -10,7 +10,9 @@ from typer.testing import CliRunner
 
 from tests.conftest import png_data_url
 from vlmtune.cli import app
+from vlmtune.config import RLConfig
 from vlmtune.recipes.rl import advantages_or_skip, completion_datum
+from vlmtune.recipes.skipped_groups import SkippedGroups
 from vlmtune.types import EncodedTextChunk, ImageChunk, ModelInput, SampledSequence
 
 runner = CliRunner()
@@ -61,6 +63,25 @@ def test_groups_with_equal_rewards_are_skipped():
     assert advantages_or_skip([1.0, 1.0, 1.0], normalize_std=False) is None
     assert advantages_or_skip([0.0, 0.0], normalize_std=True) is None
     assert advantages_or_skip([1.0, 0.0, 0.0, 1.0], normalize_std=False) == [0.5, -0.5, -0.5, 0.5]
+
+
+def test_skip_warning_when_most_groups_of_the_window_were_skipped():
+    """Window 3, 4 groups a step. Steps skip 3, 3, 3 groups: 9/12, exactly 3/4, no
+    warning. Then 4: the last three steps skip 10/12 (8 at reward 0, 2 at 1) -> a
+    warning naming the settings. The next two steps (4, 4) are inside the same window:
+    silent; the third warns again."""
+    rl = RLConfig(temperature=1.0, top_k=-1, group_size=4)
+    skipped = SkippedGroups(window=3)
+    assert [skipped.add([0.0, 0.0, 1.0], 4, rl) for _ in range(3)] == [None, None, None]
+    warning = skipped.add([0.0] * 4, 4, rl)
+    assert warning is not None
+    assert "10/12 groups of the last 3 steps were skipped" in warning
+    assert "8 at 0, 2 at 1" in warning  # which way to go: they mostly fail
+    assert "rl.temperature, now 1," in warning and "rl.top_k, now all" in warning
+    assert "rl.group_size (now 4)" in warning
+    assert skipped.add([0.0] * 4, 4, rl) is None
+    assert skipped.add([0.0] * 4, 4, rl) is None
+    assert skipped.add([0.0] * 4, 4, rl) is not None
 
 
 def write_prompts(path: Path, metadata: list[dict]) -> None:
@@ -136,6 +157,9 @@ def test_rl_cli_run_with_file_reward_errors_skips_and_kl(tmp_path):
     result = train(toml, run)
     assert result.exit_code == 0, result.output
     assert "reward error (scored 0) on line 1: ValueError: reward exploded" in result.output
+    # RL never reads gradient_accumulation_steps: no vision default is printed for it
+    assert "gradient_accumulation_steps" not in result.output
+    assert "were skipped" not in result.output  # half the groups skipped: not most
     steps = [r for r in records(run) if "reward_mean" in r]
     assert len(steps) == 2
     for r in steps:
@@ -176,6 +200,7 @@ def test_all_equal_rewards_skip_the_update(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     (step,) = [r for r in records(run) if "reward_mean" in r][:1]
     assert step["frac_groups_skipped"] == 1.0
+    assert "step 2: 4/4 groups of the last 2 steps were skipped" in result.output
     assert step["grad_norm"] == 0.0 and step["trained_tokens"] == 0
     assert (run / "final").is_dir()
 

@@ -155,6 +155,43 @@ def test_full_finetune_final_loads_with_auto_classes_and_evals(tmp_path):
     assert out["n"] == 3 and 0.0 <= out["accuracy"] <= 1.0
 
 
+def test_sft_run_from_python_applies_the_vision_defaults(tmp_path):
+    """``sft.run(job, ...)`` without the CLI: the per-device batch of 1 and the
+    accumulation that keeps the effective batch (2 -> 8) shape the run, and precision
+    "auto" is this device's (fp32 on a CPU)."""
+    from vlmtune.config import load_job
+    from vlmtune.recipes import sft
+
+    write_rows(tmp_path / "train.jsonl", 9)
+    (tmp_path / "job.toml").write_text(
+        """
+[job]
+model = "tiny-qwen3-vl"
+data = "train.jsonl"
+[hyperparameters]
+gradient_accumulation_steps = 2
+sequence_length = 128
+[lora]
+r = 4
+[model]
+min_pixels = 4096
+max_pixels = 4096
+"""
+    )
+    logs: list[str] = []
+    summary = sft.run(load_job(tmp_path / "job.toml"), tmp_path / "run", log=logs.append)
+    assert any(
+        x.startswith("vision default: hyperparameters.gradient_accumulation_steps: 2 -> 8 (")
+        for x in logs
+    ), logs
+    assert summary["steps"] == 2  # 9 examples, 8 a step (5 steps of 2 without the defaults)
+    assert "gradient_accumulation_steps = 8" in (tmp_path / "run" / "config.toml").read_text()
+    if not torch.cuda.is_available():
+        change = "training.precision: 'auto' -> 'fp32' (no bf16 on this cpu: fp32)"
+        assert f"vision default: {change}" in logs
+        assert any("(lora; cpu float32)" in x for x in logs)  # the engine's describe()
+
+
 def test_bad_config_is_refused_before_any_work(tmp_path):
     toml = tmp_path / "bad.toml"
     toml.write_text(

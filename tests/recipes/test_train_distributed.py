@@ -106,6 +106,9 @@ def test_nproc_2_run_equals_one_process_and_only_rank_0_writes(tmp_path, tiny_di
     from transformers import AutoModelForImageTextToText
 
     PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny_dir), final)
+    # The gathered adapter alone (~0.2 MB and processor files), loadable without vlmtune.
+    assert sum(f.stat().st_size for f in final.iterdir()) < 1e6
+    AutoModelForImageTextToText.from_pretrained(final, local_files_only=True)
 
 
 def test_dry_run_prints_the_torchrun_command_of_every_node(tmp_path):
@@ -155,3 +158,92 @@ def test_a_cpu_shape_launches_its_process_count(tmp_path):
     result = runner.invoke(app, ["train", "--config", str(toml), "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "launching 2 processes" in result.output and "--standalone" in result.output
+
+
+# Installed in every torchrun rank (a sitecustomize on PYTHONPATH): an audit hook that
+# records, per rank, each file opened for writing and each rename's target. What a rank
+# wrote is then read from outside, with nothing in vlmtune changed for the test.
+WRITE_AUDIT = """
+import os, sys
+
+_rank, _out = os.environ.get("RANK"), os.environ.get("VLMTUNE_TEST_WRITES")
+if _rank is not None and _out:
+    _log = open(os.path.join(_out, f"rank{_rank}.txt"), "a", buffering=1)
+
+    def _audit(event, args):
+        if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            if isinstance(args[2], int) and args[2] & (os.O_WRONLY | os.O_RDWR):
+                _log.write(f"write {os.fsdecode(args[0])}\\n")
+        elif event == "os.rename":
+            _log.write(f"rename {os.fsdecode(args[1])}\\n")
+
+    sys.addaudithook(_audit)
+"""
+RUN_FILES = ("config.toml", "validation_report.json", "summary.json", "metrics.jsonl")
+
+
+def writes_per_rank(tmp_path: Path, method: str, toml: Path, run: Path) -> dict[str, list[str]]:
+    """Run ``vlmtune train --nproc 2`` in a fresh process; each rank's writes under ``run``
+    (``write``/``rename`` and the path relative to ``run``)."""
+    hooks, audit = tmp_path / "hooks", tmp_path / f"audit-{method}"
+    hooks.mkdir(exist_ok=True)
+    audit.mkdir()
+    (hooks / "sitecustomize.py").write_text(WRITE_AUDIT)
+    path = os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-c", "from vlmtune.cli import main; main()", "train"]
+        + ["--type", method, "--config", str(toml), "--output", str(run), "--nproc", "2"]
+        + ["hyperparameters.max_steps=2", "hyperparameters.save_every=1"],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env={**os.environ, "PYTHONPATH": path, "VLMTUNE_TEST_WRITES": str(audit)},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stderr.count("run directory: ") == 1  # rank 0 alone logs
+    out: dict[str, list[str]] = {}
+    for rank in ("0", "1"):
+        lines = (audit / f"rank{rank}.txt").read_text().splitlines()
+        out[rank] = [
+            f"{kind} {Path(p).relative_to(run)}"
+            for kind, p in (line.split(" ", 1) for line in lines)
+            if Path(p).is_relative_to(run)
+        ]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dpo", "rl"])
+def test_only_rank_0_writes_the_run_files_each_once_and_whole(tmp_path, method):
+    from tests.recipes.test_dpo import write_dpo_job
+    from tests.recipes.test_rl import REWARD_FILE, job_toml, write_prompts
+
+    if method == "dpo":
+        toml = write_dpo_job(tmp_path)
+    else:
+        (tmp_path / "digits.py").write_text(REWARD_FILE)
+        write_prompts(tmp_path / "train.jsonl", [{}, {}])
+        write_prompts(tmp_path / "val.jsonl", [{"answer": "3"}])
+        rl = (
+            'reward = "digits.py:alternating"\ngroup_size = 2\nprompts_per_step = 2\nmax_tokens = 2'
+        )
+        toml = job_toml(tmp_path, rl)
+    run = tmp_path / "run"
+    writes = writes_per_rank(tmp_path, method, toml, run)
+
+    # Rank 1 writes its shard of the step-1 checkpoint (so the audit sees its writes),
+    # but none of the run's files.
+    assert any(w.startswith("write checkpoints/") for w in writes["1"]), writes["1"]
+    assert not [w for w in writes["1"] if w.split(" ", 1)[1] in RUN_FILES], writes["1"]
+    for name in ("config.toml", "validation_report.json", "summary.json"):
+        # written beside, renamed into place, once
+        assert writes["0"].count(f"rename {name}") == 1, (name, writes["0"])
+        assert f"write {name}" not in writes["0"]
+    for name in RUN_FILES:
+        assert (run / name).is_file(), name
+    if method == "dpo":
+        assert writes["0"].count("rename reference_logps.json") == 1
+        assert not [w for w in writes["1"] if "reference_logps" in w]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2 and "eval/n" in summary
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temp file left

@@ -11,8 +11,10 @@ from typer.testing import CliRunner
 
 from tests.conftest import png_data_url
 from tests.recipes.test_sft import write_rows
+from tests.server.test_job_progress import assert_events_are_the_metrics
 from vlmtune.cli import app
 from vlmtune.cli.serve import submit_job
+from vlmtune.sdk.jobs import JobsClient
 
 runner = CliRunner()
 JOB = """
@@ -48,7 +50,11 @@ def test_toml_job_runs_promotes_and_serves_chat(server, key, api, tmp_path, caps
     assert code == 0, err
     model_id = out.strip().splitlines()[-1]
     assert model_id.startswith("digits-sft")
-    assert "[progress] step 1/1" in err and "[promoted]" in err
+    assert "[progress] step 1/1  loss" in err and "[promoted]" in err
+    (job,) = [j for j in server.context.jobs.list("toml") if j["model_id"] == model_id]
+    events = JobsClient(server.url, key).events(job["id"])["events"]
+    (progress,) = assert_events_are_the_metrics(events, Path(job["run_dir"]))
+    assert progress["data"]["total"] == 1 and "grad_norm" in progress["data"]["metrics"]
 
     assert model_id in [m["id"] for m in api.get("/v1/models").json()["data"]]
     message = {"role": "user", "content": [

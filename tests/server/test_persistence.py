@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import numpy as np
 
@@ -29,10 +27,9 @@ def test_restart_keeps_runs_checkpoints_and_jobs(tmp_path):
         sampler_path = tc.save_weights_for_sampler("weights-2").result().path
         expected = tc.forward([datum]).result().loss_fn_outputs[0]["logprobs"].data
         # A job that is running when the server dies (its row, as the crash leaves it).
-        first.context.store.insert(
-            "jobs", id="job-00000000beef", kind="toml", name="crashed", state="running",
-            config={"type": "sft", "overrides": []}, created=time.time(), updated=time.time(),
-        )  # fmt: skip
+        first.context.store.add_job(
+            "job-00000000beef", "toml", "crashed", "running", {"type": "sft", "overrides": []}
+        )
         model_id = tc.model_id
 
     with ServerThread(data_dir) as second:
@@ -54,7 +51,8 @@ def test_restart_keeps_runs_checkpoints_and_jobs(tmp_path):
         np.testing.assert_allclose(restored, expected, atol=1e-5)
         assert again.load_state(state).result() == {"step": 2}
         again.forward_backward([datum])
-        assert again.optim_step(AdamParams(learning_rate=1e-2)).result().metrics["step"] == 3
+        metrics = again.optim_step(AdamParams(learning_rate=1e-2)).result().metrics
+        assert metrics["vlmtune/step"] == 3 and "step" not in metrics
 
         sampler = ServiceClient(base_url=second.url, api_key=key).create_sampling_client(
             sampler_path

@@ -14,7 +14,7 @@ from tinker.proto.response_conv import (
     deserialize_sample_response,
 )
 
-from vlmtune.server.proto import (
+from vlmtune.protocol.proto import (
     ProtoError,
     decode_forward_backward_request,
     encode_forward_backward_output,

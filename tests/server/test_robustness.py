@@ -11,8 +11,8 @@ import torch
 
 from tests.conftest import assistant, image_part, user
 from tests.server.conftest import b64_png
+from vlmtune.protocol.wire import WireDatum
 from vlmtune.sdk import AdamParams, ServiceClient
-from vlmtune.sdk.http import datum_json
 from vlmtune.server import ServerThread
 
 MODEL = "tiny-qwen3-vl"
@@ -28,7 +28,7 @@ def tc(server, key):
 @pytest.fixture(scope="module")
 def good(tc):
     datum = tc.datum_from_messages([user(image_part(32, 32), "What is it?"), assistant("a cat")])
-    return datum_json(datum)
+    return WireDatum.of(datum).model_dump(exclude_none=True)
 
 
 def fb_body(tc, data, **extra):
@@ -41,18 +41,19 @@ def fb_body(tc, data, **extra):
 
 def test_keys_are_required_and_checked(server, key, api):
     assert httpx.get(f"{server.url}/api/v1/healthz").json() == {"status": "ok"}
-    sessions = server.context.store.one("SELECT COUNT(*) AS n FROM sessions")["n"]
+    sessions = server.context.store.session_count()
     for headers in ({}, {"X-API-Key": "tml-0000aaaa_nope"}, {"Authorization": "Bearer abc"},
                     {"Authorization": f"Bearer {key}x"}):  # fmt: skip
         r = httpx.post(f"{server.url}/api/v1/create_session", json={}, headers=headers)
         assert r.status_code == 401 and "API key" in r.json()["detail"]
-    assert server.context.store.one("SELECT COUNT(*) AS n FROM sessions")["n"] == sessions
+    assert server.context.store.session_count() == sessions
     for headers in ({"X-API-Key": key}, {"Authorization": f"Bearer {key}"}):
         assert (
             httpx.post(f"{server.url}/api/v1/create_session", json={}, headers=headers).status_code
             == 200
         )
-    row = server.context.store.one("SELECT * FROM api_keys")
+    row = server.context.store.api_key(key.removeprefix("tml-").split("_")[0])
+    assert row is not None
     assert key.encode() not in row["digest"] and key not in str(row)
 
 

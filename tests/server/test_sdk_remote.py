@@ -64,6 +64,16 @@ def test_remote_sft_loop_sampling_and_custom_loss(trainer):
     tc.forward_backward_custom([datum], response_only, logprobs_where="weights").result()
     w_T = datum.loss_fn_inputs["weights"].to_torch()
     assert (seen[0][w_T == 0] == 0).all() and (seen[0][w_T != 0] != 0).all()
+    # A loss may leave a datum's logprobs unread: that datum gets no gradient (zero
+    # surrogate weights), as in-process, rather than failing on a missing .grad.
+    other = tc.datum_from_messages([user("Say 3."), assistant("3")])
+    first_only = tc.forward_backward_custom(
+        [datum, other], lambda ds, lps: neg_ll(ds[:1], lps[:1])
+    ).result()
+    assert first_only.metrics["loss:sum"] == pytest.approx(first_only.metrics["nll:sum"])
+    assert first_only.metrics["surrogate_loss:sum"] == pytest.approx(
+        first_only.metrics["loss:sum"], rel=1e-3
+    )
     tc.optim_step(AdamParams(learning_rate=1e-3)).result()
 
     sampler = tc.create_sampling_client()

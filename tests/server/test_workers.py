@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from vlmtune.server.workers import FutureRegistry, SeqWorker
 
 
@@ -43,3 +45,32 @@ def test_registry_keeps_results_until_retrieved():
     assert registry.get(rid) is not None  # still there for a re-fetch
     assert registry.get("req-nope") is None
     worker.close()
+
+
+def test_submit_runs_each_seq_once_and_skips_a_rejected_one(tmp_path):
+    from vlmtune.engine.engine import EngineConfig
+    from vlmtune.protocol.errors import BadRequest
+    from vlmtune.server.runs import Run, RunManager
+    from vlmtune.server.store import Store
+
+    registry = FutureRegistry()
+    manager = RunManager(Store(tmp_path / "db"), tmp_path, registry)
+    run = Run("r", EngineConfig(base_model="m"), tmp_path, None, SeqWorker("r", 1, 30.0))
+    ran: list[int] = []
+
+    def prepare(seq: int):
+        ran.append(seq)
+        return lambda: seq * 10
+
+    def rejected():
+        raise BadRequest("seq 2 fails its checks")
+
+    first = manager.submit(run, 1, "x", lambda: prepare(1))
+    assert manager.submit(run, 1, "x", lambda: prepare(1)) == first  # a retry: same request
+    with pytest.raises(BadRequest):
+        manager.submit(run, 2, "x", rejected)
+    third = manager.submit(run, 3, "x", lambda: prepare(3))
+    # seq 3 does not wait out the 30 s gap for the rejected seq 2.
+    assert registry.get(third).future.result(timeout=5) == 30
+    assert registry.get(first).future.result(timeout=5) == 10 and ran == [1, 3]
+    run.worker.close()

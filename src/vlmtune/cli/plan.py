@@ -39,8 +39,15 @@ def shape_estimate(shape: TrainingShape, mode: str) -> MemoryEstimate:
         precision=shape.precision,
         cpu_offload=shape.cpu_offload,
         reshard_after_forward=shape.sharding == "full_shard",
+        replicate=shape.sharding == "replicate",
         reduce_dtype=shape.reduce_dtype,
     )
+
+
+def _split(shape: TrainingShape, mode: str) -> str:
+    if shape.world_size == 1 and not shape.cpu_offload:
+        return "one"
+    return "dp" if shape.sharding == "replicate" or mode == "qlora" else "fsdp"
 
 
 def shapes(
@@ -48,7 +55,7 @@ def shapes(
 ) -> None:
     """List the training shapes with their estimated memory per GPU (LoRA rank 16)."""
     header = (
-        f"{'shape':24} {'model':34} {'context':>7} {'GPUs':>10} {'mode':5} "
+        f"{'shape':24} {'model':34} {'context':>7} {'GPUs':>10} {'split':5} {'mode':5} "
         f"{'weights':>7} {'grads':>6} {'optim':>6} {'activ':>6} {'total':>6} {'GPU':>6} fits"
     )
     if not as_json:
@@ -59,14 +66,20 @@ def shapes(
             ok = fits(est, shape.gpu_type)
             capacity = gpu_memory_gib(shape.gpu_type)
             if as_json:
-                record = {"shape": shape.name, "model": shape.model, "mode": mode}
+                record: dict[str, object] = {
+                    "shape": shape.name,
+                    "model": shape.model,
+                    "mode": mode,
+                }
                 record.update(context=shape.max_context, gpu_type=shape.gpu_type)
                 record.update(gpu_count=shape.gpu_count, nodes=shape.nodes, fits=ok)
+                record.update(split=_split(shape, mode))
                 typer.echo(json.dumps({**record, "bytes_per_gpu": est.as_dict()}))
                 continue
             gpus = f"{shape.nodes}x{shape.gpu_count} {shape.gpu_type}"
             typer.echo(
-                f"{shape.name:24} {shape.model:34} {shape.max_context:>7} {gpus:>10} {mode:5} "
+                f"{shape.name:24} {shape.model:34} {shape.max_context:>7} {gpus:>10} "
+                f"{_split(shape, mode):5} {mode:5} "
                 f"{_gib(est.weights):>7} {_gib(est.grads):>6} {_gib(est.optimizer):>6} "
                 f"{_gib(est.activations):>6} {_gib(est.total):>6} "
                 f"{(f'{capacity:.0f}' if capacity else '-'):>6} "
@@ -74,7 +87,9 @@ def shapes(
             )
     if not as_json:
         typer.echo(
-            "GiB per GPU; activations of one packed row at the shape's context with its "
+            "GiB per GPU; split: fsdp (FSDP2 shards the model), dp (data-parallel: the whole "
+            "model on each GPU, trainable gradients all-reduced; qlora), one (one GPU); "
+            "activations of one packed row at the shape's context with its "
             f"checkpointing setting; fits = total <= {FIT_HEADROOM:.0%} of the GPU. "
             "Estimates: only tiny-2k-cpu2 has been run."
         )
@@ -95,6 +110,7 @@ def _job_settings(job: JobFile, nproc: int | None) -> dict[str, Any]:
         "lora_rank": job.lora.r,
         "cpu_offload": c.cpu_offload,
         "fsdp": c.fsdp or c.cpu_offload,
+        "replicate": c.sharding == "replicate",
         "reshard_after_forward": c.sharding == "full_shard",
         "reduce_dtype": c.reduce_dtype,
         "freeze_vision": job.model.freeze_vision_tower and job.model.freeze_projector,
@@ -117,6 +133,18 @@ def _gpu_type(job: JobFile) -> str:
     )
 
 
+def _parallelism(mode: str, settings: dict[str, Any]) -> str:
+    """How this job's processes split the work, in words."""
+    n = settings["world_size"]
+    if n == 1 and not settings["fsdp"]:
+        return "one process"
+    if n > 1 and (settings["replicate"] or mode == "qlora"):
+        return f"data-parallel over {n} (whole model per GPU, trainable gradients all-reduced)"
+    return (
+        f"FSDP2 over {n} ({'full_shard' if settings['reshard_after_forward'] else 'shard_grad_op'})"
+    )
+
+
 def plan(
     config: Annotated[Path, typer.Option("--config", "-c", help="TOML job file")],
     nproc: Annotated[int | None, typer.Option("--nproc", min=1, help="processes per node")] = None,
@@ -132,13 +160,20 @@ def plan(
     except ConfigError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(2) from None
+    if not as_json:
+        from vlmtune.cli.train import report_resolved
+
+        report_resolved(job, typer.echo)
     settings = _job_settings(job, nproc)
     gpu_type = _gpu_type(job)
     dims = dims_for(job.job.model)
     rows = []
     for mode in MODES:
+        # A qlora job replicates because of qlora; the other modes' rows show FSDP2.
+        qlora_only = job.finetune_mode == "qlora" and mode != "qlora"
+        row = {**settings, "replicate": settings["replicate"] and not qlora_only}
         for ac in (False, True):
-            est = estimate_memory(dims, mode=mode, activation_checkpointing=ac, **settings)  # type: ignore[arg-type]
+            est = estimate_memory(dims, mode=mode, activation_checkpointing=ac, **row)  # type: ignore[arg-type]
             own = mode == job.finetune_mode and ac == job.training.gradient_checkpointing
             rows.append((mode, ac, own, est, fits(est, gpu_type)))
     if as_json:
@@ -155,7 +190,7 @@ def plan(
     )
     typer.echo(
         f"{settings['world_size']} process(es) on {gpu_type}, {settings['context']:,}-token rows, "
-        f"{settings['precision']}"
+        f"{settings['precision']}; {_parallelism(job.finetune_mode, settings)}"
     )
     typer.echo(
         f"  {'mode':6} {'act.ckpt':8} {'weights':>8} {'grads':>7} {'optim':>7} "

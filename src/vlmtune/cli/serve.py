@@ -6,9 +6,12 @@ import ipaddress
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from vlmtune.sdk.jobs import JobsClient
 
 DEFAULT_DATA_DIR = Path(os.environ.get("VLMTUNE_DATA_DIR", "~/.vlmtune/server")).expanduser()
 ServerOpt = Annotated[str, typer.Option("--server", envvar="VLMTUNE_SERVER", help="server URL")]
@@ -53,7 +56,7 @@ def serve(
         _err(f"--api-keys-file: {api_keys_file} does not exist")
         raise typer.Exit(2)
     store = Store(data_dir / "server.db")
-    n_keys = store.one("SELECT COUNT(*) AS n FROM api_keys WHERE revoked = 0")["n"]
+    n_keys = store.active_key_count()
     store.close()
     if n_keys == 0 and api_keys_file is None:
         _err(f"no API keys yet: every request will get 401. Create one with "
@@ -87,7 +90,7 @@ def keys_list(data_dir: DataDirOpt = DEFAULT_DATA_DIR) -> None:
     from vlmtune.server.store import Store
 
     store = Store(data_dir / "server.db")
-    for row in store.all("SELECT kid, label, created, revoked FROM api_keys ORDER BY created"):
+    for row in store.api_keys():
         status = "revoked" if row["revoked"] else "active"
         typer.echo(f"tml-{row['kid']}_...  {status:8s}  {row['label']}")
     store.close()
@@ -99,14 +102,14 @@ def keys_revoke(kid: str, data_dir: DataDirOpt = DEFAULT_DATA_DIR) -> None:
     from vlmtune.server.store import Store
 
     store = Store(data_dir / "server.db")
-    n = store.update("api_keys", {"kid": kid.removeprefix("tml-").split("_")[0]}, revoked=1)
+    n = store.revoke_api_key(kid.removeprefix("tml-").split("_")[0])
     store.close()
     if not n:
         _err(f"no key with id {kid}")
         raise typer.Exit(1)
 
 
-def _jobs(server: str, api_key: str | None) -> Any:
+def _jobs(server: str, api_key: str | None) -> JobsClient:
     from vlmtune.sdk.jobs import JobsClient
 
     return JobsClient(server, api_key)

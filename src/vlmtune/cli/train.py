@@ -3,44 +3,138 @@
 from __future__ import annotations
 
 import json
-import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from vlmtune.config import ConfigError, JobFile, load_job
+
+if TYPE_CHECKING:
+    from vlmtune.models.registry import ModelSpec
 
 
 def _err(message: str) -> None:
     typer.echo(message, err=True)
 
 
-def _check_compute(job: JobFile, procs_per_node: int | None = None) -> list[str]:
+def report_resolved(job: JobFile, say: Callable[[str], None]) -> None:
+    """Print what load_job resolved from the hosted trainer's keys, as vision defaults are."""
+    from vlmtune.defaults import resolved_lines
+
+    for line in resolved_lines(job):
+        say(line)
+
+
+def _check_model(job: JobFile) -> tuple[ModelSpec | None, list[str], bool]:
+    """(the model's spec if known, its problems, whether it still has to be downloaded).
+
+    Resolves ``job.model`` as training will, without downloading: an unknown name, a
+    missing directory or, with HF_HUB_OFFLINE=1, an uncached hub id is refused here.
+    """
+    from vlmtune.models.loading import (
+        ModelNotCachedError,
+        ModelNotFoundError,
+        hub_repo_id,
+        resolve_model_path,
+    )
+    from vlmtune.models.registry import get_model_spec, spec_from_dir
+
+    model, revision = job.job.model, job.job.revision
+    if revision is not None and hub_repo_id(model) is None:
+        problem = (
+            f"job.revision: {revision!r} pins a Hugging Face hub id, and job.model = {model!r} "
+            "is a local model (remove job.revision)"
+        )
+        return None, [problem], False
+    try:
+        path = resolve_model_path(model, revision=revision)
+    except ModelNotCachedError:  # a hub id: `vlmtune train` downloads it after the checks
+        path = None
+    except (ModelNotFoundError, ValueError) as e:
+        return None, [f"job.model: {e}"], False
+    try:
+        return get_model_spec(model), [], path is None
+    except (KeyError, ValueError):
+        pass
+    if path is None or (path / "adapter_config.json").is_file():
+        return None, [], path is None  # an adapter's base is resolved when it loads
+    if not (path / "config.json").is_file():
+        return None, [f"job.model: {path} has no config.json (nor adapter_config.json)"], False
+    try:
+        return spec_from_dir(path), [], False
+    except (KeyError, ValueError) as e:
+        return None, [f"job.model: {e}"], False
+
+
+def _check_compute(
+    job: JobFile,
+    procs_per_node: int | None = None,
+    *,
+    download: bool = False,
+    machine: bool = True,
+) -> list[str]:
     """Problems the machine or the model family rules out, found before any work.
 
     ``procs_per_node``: ``--nproc`` (default: ``[compute] gpu_count``, or torchrun's
-    LOCAL_WORLD_SIZE inside a launched process).
+    LOCAL_WORLD_SIZE inside a launched process). ``download``: fetch a hub model missing
+    from the cache once everything else checks out, so that the processes torchrun
+    starts find it cached (a ``--dry-run`` does not). ``machine``: include what this
+    machine lacks (``_machine_problems``).
     """
+    spec, problems, pending_download = _check_model(job)
+    if machine:
+        problems += _machine_problems(job, procs_per_node)
+    per_node = _procs_per_node(job, procs_per_node)
+    if spec is not None and spec.min_gpus > per_node * job.compute.nodes:
+        problems.append(
+            f"job.model: {spec.name} needs at least {spec.min_gpus} GPUs; compute asks for "
+            f"{per_node * job.compute.nodes}"
+        )
+    for key in ("data", "validation_data"):
+        value = getattr(job.job, key)
+        if value is not None and not Path(value).is_file():
+            problems.append(f"job.{key}: {value} does not exist")
+    if download and pending_download and not problems:
+        from vlmtune.models.loading import ModelNotFoundError, resolve_model_path
+
+        try:
+            resolve_model_path(job.job.model, revision=job.job.revision, download=True)
+        except (ModelNotFoundError, ValueError) as e:
+            problems.append(f"job.model: {e}")
+    return problems
+
+
+def _procs_per_node(job: JobFile, procs_per_node: int | None) -> int:
+    """``--nproc``, else torchrun's LOCAL_WORLD_SIZE inside a launched process, else gpu_count."""
     import os
+
+    from vlmtune.cli.launch import already_launched
+
+    if procs_per_node is not None:
+        return procs_per_node
+    if already_launched():
+        return int(os.environ.get("LOCAL_WORLD_SIZE", job.compute.gpu_count))
+    return job.compute.gpu_count
+
+
+def _machine_problems(job: JobFile, procs_per_node: int | None) -> list[str]:
+    """What this machine lacks for the job (GPUs, CUDA, packages).
+
+    Kept apart from the job's own problems so that ``--dry-run`` and ``vlmtune plan``
+    show a GPU job's plan on a laptop, listing these as notes instead of refusing.
+    """
+    import importlib.util
 
     import torch
 
     from vlmtune.cli.launch import already_launched
-    from vlmtune.models.registry import get_model_spec
 
-    problems = []
+    problems: list[str] = []
     c = job.compute
-    try:
-        spec = get_model_spec(job.job.model)
-    except (KeyError, ValueError) as e:
-        spec = None
-        if not Path(job.job.model).exists():
-            problems.append(f"job.model: {e}")
     launched = already_launched()
-    per_node = procs_per_node or c.gpu_count
-    if launched and procs_per_node is None:
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", per_node))
+    per_node = _procs_per_node(job, procs_per_node)
     on_cpu = c.gpu_type == "cpu" or job.training.device == "cpu" or not torch.cuda.is_available()
     if on_cpu and c.gpu_count > 1 and c.gpu_type != "cpu" and procs_per_node is None:
         if not launched:
@@ -54,22 +148,19 @@ def _check_compute(job: JobFile, procs_per_node: int | None = None) -> list[str]
             f"compute.gpu_count: {per_node} processes per node need as many GPUs; this machine "
             f"has {torch.cuda.device_count()}"
         )
-    if per_node * c.nodes > 1 and job.algorithm.variety == "qlora":
-        problems.append(
-            "algorithm.variety: qlora trains on one GPU (4-bit weights are not sharded); use "
-            '"lora" on several GPUs'
-        )
-    if spec is not None and spec.min_gpus > per_node * c.nodes:
-        problems.append(
-            f"job.model: {spec.name} needs at least {spec.min_gpus} GPUs; compute asks for {per_node * c.nodes}"
-        )
-    if job.algorithm.variety == "qlora" and not torch.cuda.is_available():
-        problems.append(
-            'algorithm.variety: qlora needs a CUDA GPU (bitsandbytes 4-bit); use "lora" on the CPU'
-        )
+    if job.algorithm.variety == "qlora":
+        if not torch.cuda.is_available():
+            problems.append(
+                "algorithm.variety: qlora needs a CUDA GPU (bitsandbytes 4-bit weights) and "
+                "this machine has none; `vlmtune plan` shows the plan here, and "
+                'training.use_qlora = false (or variety = "lora") trains LoRA on the CPU'
+            )
+        elif importlib.util.find_spec("bitsandbytes") is None:
+            problems.append(
+                "algorithm.variety: qlora needs the bitsandbytes package "
+                "(pip install 'vlmtune[qlora]')"
+            )
     if job.training.attention == "flash_attention_2":
-        import importlib.util
-
         if on_cpu:
             problems.append("training.attention: flash_attention_2 needs a CUDA GPU; use sdpa")
         elif importlib.util.find_spec("flash_attn") is None:
@@ -82,10 +173,6 @@ def _check_compute(job: JobFile, procs_per_node: int | None = None) -> list[str]
             "compute.cpu_offload: offloads GPU memory to the host; on the CPU everything is "
             "already in host memory (remove it, or set it only on a machine with CUDA GPUs)"
         )
-    for key in ("data", "validation_data"):
-        value = getattr(job.job, key)
-        if value is not None and not Path(value).is_file():
-            problems.append(f"job.{key}: {value} does not exist")
     return problems
 
 
@@ -121,17 +208,12 @@ def train(
         from vlmtune.cli.serve import submit_job
 
         raise typer.Exit(submit_job(config, type_, server, api_key, overrides or [], poll))
-    import torch
-
-    from vlmtune.defaults import apply_vision_defaults
-    from vlmtune.models.registry import get_model_spec
-
     if type_ not in ("sft", "dpo", "rl"):
         _err(f"--type: {type_!r} is not one of sft, dpo, rl")
         raise typer.Exit(2)
     try:
         job = load_job(config, overrides or [], method=type_)
-        problems = _check_compute(job, nproc)
+        problems = _check_compute(job, nproc, download=not dry_run, machine=not dry_run)
         if problems:
             raise ConfigError(str(config), problems)
     except ConfigError as e:
@@ -140,36 +222,28 @@ def train(
     from vlmtune.cli import launch
     from vlmtune.recipes.common import is_main_process
 
+    if dry_run:  # no recipe runs, which would print these (recipes.common.prepare)
+        report_resolved(job, _err)
+        for problem in _machine_problems(job, nproc):
+            _err(f"on this machine, training would stop here: {problem}")
     procs = nproc or job.compute.gpu_count
     if not launch.already_launched() and (procs > 1 or job.compute.nodes > 1 or dry_run):
         raise typer.Exit(
             _launch(job, config, type_, output, resume, overrides or [], procs, dry_run)
         )
-    # Under torchrun every rank runs what follows; rank 0 alone reports.
+    # Under torchrun every rank runs what follows; rank 0 alone reports. The recipe
+    # applies and prints the vision defaults (recipes.common.prepare), as from Python.
     say = _err if is_main_process() else (lambda message: None)
-
-    device_type = "cuda" if job.training.device != "cpu" and torch.cuda.is_available() else "cpu"
-    try:
-        supports_vision = get_model_spec(job.job.model).supports_vision
-    except (KeyError, ValueError):
-        supports_vision = True
-    bf16_ok = device_type == "cuda" and torch.cuda.is_bf16_supported()
-    changes = apply_vision_defaults(
-        job, supports_vision=supports_vision, device_type=device_type, bf16_ok=bf16_ok
-    )
-    for change in changes:
-        say(f"vision default: {change}")
-
     run_dir = output or Path(job.job.output_dir) / (job.job.name or config.stem)
-    say(f"run directory: {run_dir}")
     from functools import partial
 
     from vlmtune.recipes import dpo, rl, sft
 
-    recipes = {"sft": sft.run, "dpo": dpo.run, "rl": partial(rl.run, config_dir=config.parent)}
-    if type_ not in recipes:
-        _err(f"--type {type_}: this version ships the sft recipe only")
-        raise typer.Exit(2)
+    recipes: dict[str, Callable[..., dict[str, Any]]] = {
+        "sft": sft.run,
+        "dpo": dpo.run,
+        "rl": partial(rl.run, config_dir=config.parent),
+    }
     try:
         summary = recipes[type_](job, run_dir, resume=resume, log=say)
     except ConfigError as e:  # found by a recipe before any training (e.g. an unknown reward)
@@ -236,16 +310,20 @@ def eval_cmd(
     ] = None,
 ) -> None:
     """Greedy exact-match accuracy (whitespace and case normalised)."""
-    from vlmtune.data import load_dataset
+    from vlmtune.data import SFTRow, load_dataset
+    from vlmtune.defaults import image_cap
     from vlmtune.evaluation import evaluate_exact_match
     from vlmtune.sdk import ServiceClient
 
     if not data.is_file():
         _err(f"--data: {data} does not exist")
         raise typer.Exit(2)
-    rows, report = load_dataset(data, "sft", max_images_per_message=None)
+    # The model family's image cap, as in training: the rows evaluated are the ones trained.
+    cap = image_cap(model, None)
+    loaded, report = load_dataset(data, "sft", max_images_per_message=cap)
     if report.dropped:
         _err(f"{data}: {len(report.dropped)} row(s) dropped (see `vlmtune data validate {data}`)")
+    rows = [r for r in loaded if isinstance(r, SFTRow)]  # kind "sft" reads only SFT rows
     rows = rows[:max_examples] if max_examples else rows
     if server is not None:
         from vlmtune.evaluation import evaluate_exact_match_remote
@@ -255,7 +333,7 @@ def eval_cmd(
         )
     else:
         sampler = ServiceClient().create_sampling_client(
-            model, min_pixels=min_pixels, max_pixels=max_pixels, max_images_per_message=None
+            model, min_pixels=min_pixels, max_pixels=max_pixels
         )
         result = evaluate_exact_match(sampler, rows, max_new_tokens=max_new_tokens)
     if predictions is not None:
@@ -273,7 +351,7 @@ def export(
     merge: Annotated[Path, typer.Option("--merge", help="write the merged full model here")],
 ) -> None:
     """Fold a LoRA adapter into its base: a plain model directory with processor files."""
-    from vlmtune.models.loading import merge_adapter_to_dir
+    from vlmtune.models.saving import merge_adapter_to_dir
 
     if not (source / "adapter_config.json").exists():
         _err(f"{source}: no adapter_config.json; it is already a full model (nothing to merge)")
@@ -289,4 +367,4 @@ def register(app: typer.Typer) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(typer.run(train))
+    typer.run(train)  # exits with the command's status

@@ -98,7 +98,7 @@ def resolve_checked(host: str, port: int, policy: FetchPolicy) -> list[str]:
         infos = _getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
         raise FetchError(f"cannot resolve host {host!r} ({exc})", category="DNS failure") from None
-    ips = list(dict.fromkeys(info[4][0] for info in infos))
+    ips = list(dict.fromkeys(str(info[4][0]) for info in infos))
     if not ips:
         raise FetchError(f"host {host!r} has no address", category="DNS failure")
     for ip in ips:

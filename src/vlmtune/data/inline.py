@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlmtune.data.atomic import atomic_write
+from vlmtune.atomic import atomic_write
 from vlmtune.data.errors import RowError
 from vlmtune.data.fetch import FetchPolicy, fetch_image
 from vlmtune.data.images import DEFAULT_MAX_PIXELS, probe_image

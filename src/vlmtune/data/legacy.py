@@ -8,6 +8,7 @@ first user text (where those datasets' own loaders put them).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -52,7 +53,7 @@ def legacy_images(obj: dict[str, Any]) -> tuple[list[RawImage], bool]:
     return [], False
 
 
-def apply_legacy(messages: list[_HasParts], images: list[RawImage]) -> None:
+def apply_legacy(messages: Sequence[_HasParts], images: list[RawImage]) -> None:
     """Replace ``<image>`` placeholders in order, or put the images before the first user text."""
     count = sum(p.count(PLACEHOLDER) for m in messages for p in m.parts if isinstance(p, str))
     if count == 0:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlmtune.data.atomic import atomic_write
+from vlmtune.atomic import atomic_write
 
 _SHOWN_LINES = 5
 
@@ -44,6 +44,7 @@ class ValidationReport:
     total: int = 0  # non-blank lines read
     valid: int = 0
     images: int = 0  # images kept in valid rows (after the per-message cap)
+    images_dropped: int = 0  # cut by the per-message cap, or left out by the chat template
     dropped: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[dict[str, Any]] = field(default_factory=list)
     _drop_categories: list[str] = field(default_factory=list, repr=False, compare=False)
@@ -57,6 +58,12 @@ class ValidationReport:
         self.warnings.append({"line": line, "message": message})
         self._warning_categories.append(category or _warning_category(message))
 
+    def reject(self, line: int, reason: str, category: str, images: int) -> None:
+        """Move a row counted valid (it parsed) to dropped: it cannot be trained on."""
+        self.valid -= 1
+        self.images -= images
+        self.drop(line, reason, category)
+
     @property
     def ok(self) -> bool:
         """True when no row was dropped."""
@@ -69,14 +76,20 @@ class ValidationReport:
             "total": self.total,
             "valid": self.valid,
             "images": self.images,
-            "dropped": [{"line": d["line"], "reason": d["reason"]} for d in self.dropped],
-            "warnings": [{"line": w["line"], "message": w["message"]} for w in self.warnings],
+            "images_dropped": self.images_dropped,
+            # By line: training finds render-time drops after the whole file is parsed,
+            # `validate` row by row; the same drops must print the same.
+            "dropped": [{"line": d["line"], "reason": d["reason"]} for d in _by_line(self.dropped)],
+            "warnings": [
+                {"line": w["line"], "message": w["message"]} for w in _by_line(self.warnings)
+            ],
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ValidationReport:
         report = cls(path=str(data["path"]), kind=str(data["kind"]))
         report.total, report.valid, report.images = data["total"], data["valid"], data["images"]
+        report.images_dropped = int(data.get("images_dropped", 0))
         for d in data.get("dropped", []):
             report.drop(int(d["line"]), str(d["reason"]))
         for w in data.get("warnings", []):
@@ -94,7 +107,8 @@ class ValidationReport:
         lines = [
             f"{self.path} ({self.kind})",
             f"  rows read: {self.total:,}   valid: {self.valid:,}   dropped: {dropped:,}   "
-            f"images kept: {self.images:,}   warnings: {len(self.warnings):,}",
+            f"images kept: {self.images:,}   images dropped: {self.images_dropped:,}   "
+            f"warnings: {len(self.warnings):,}",
         ]
         if self.dropped:
             lines += _grouped(
@@ -107,6 +121,10 @@ class ValidationReport:
         elif not self.dropped:
             lines.append("  every row is valid")
         return "\n".join(lines)
+
+
+def _by_line(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(entries, key=lambda e: e["line"])  # stable: a row's own order is kept
 
 
 def _warning_category(message: str) -> str:

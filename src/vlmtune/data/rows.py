@@ -25,6 +25,7 @@ from vlmtune.data.schema import (
     RowKind,
     SFTRow,
     TextPart,
+    row_images,
 )
 
 ROLES = ("system", "user", "assistant")
@@ -47,6 +48,15 @@ class ParsedRow:
     row: Row
     images: int
     warnings: list[str] = field(default_factory=list)
+    images_dropped: int = 0  # images cut by the per-message cap
+
+
+@dataclass
+class _Notes:
+    """What parsing one row has to report besides the row itself."""
+
+    warnings: list[str] = field(default_factory=list)
+    images_dropped: int = 0
 
 
 def _empty_text(where: str) -> RowError:
@@ -134,6 +144,7 @@ def _parse_message(raw: Any, where: str) -> _RawMessage:
             category="malformed message",
             field=where,
         )
+    table: tuple[str, ...]
     if "role" in raw or "from" not in raw:
         role, role_key, content_key, table = raw.get("role"), "role", "content", ROLES
     else:  # ShareGPT: {"from": "human"|"gpt"|"system", "value": ...}
@@ -181,21 +192,24 @@ class RowParser:
                 category="malformed metadata",
                 field="metadata",
             )
-        warnings: list[str] = []
+        notes = _Notes()
         cache: dict[str, ImagePart] = {}  # chosen and rejected share prompt images
         legacy, has_legacy = legacy_images(obj)
         if self.kind == "preference":
-            sides = []
+            sides, dropped = [], 0
             for side in ("chosen", "rejected"):
                 raw, where = self._side_messages(obj, side)
-                sides.append(self._messages(raw, where, legacy, has_legacy, warnings, cache))
+                sides.append(self._messages(raw, where, legacy, has_legacy, notes, cache))
+                if side == "chosen":  # the sides share their prompt: count its cuts once
+                    dropped = notes.images_dropped
             chosen, rejected = sides
             self._check_preference(chosen, rejected)
-            images = sum(len(m.images) for m in chosen) + len(rejected[-1].images)
-            return ParsedRow(PreferenceRow(line, chosen, rejected, metadata), images, warnings)
+            row: Row = PreferenceRow(line, chosen, rejected, metadata)
+            return ParsedRow(row, row_images(row), notes.warnings, dropped)
         raw, where = self._top_messages(obj)
-        messages = self._messages(raw, where, legacy, has_legacy, warnings, cache)
+        messages = self._messages(raw, where, legacy, has_legacy, notes, cache)
         images = sum(len(m.images) for m in messages)
+        warnings, dropped = notes.warnings, notes.images_dropped
         if self.kind == "sft":
             if not any(m.role == "assistant" for m in messages):
                 raise RowError(
@@ -203,14 +217,14 @@ class RowParser:
                     category="no assistant turn",
                     field=where,
                 )
-            return ParsedRow(SFTRow(line, messages, metadata), images, warnings)
+            return ParsedRow(SFTRow(line, messages, metadata), images, warnings, dropped)
         if messages[-1].role != "user":
             raise RowError(
                 f"last turn is {messages[-1].role!r}; an RL prompt must end with a user turn",
                 category="RL prompt does not end with a user turn",
                 field=f"{where}[{len(messages) - 1}]",
             )
-        return ParsedRow(RLRow(line, messages, metadata), images, warnings)
+        return ParsedRow(RLRow(line, messages, metadata), images, warnings, dropped)
 
     def _top_messages(self, obj: dict[str, Any]) -> tuple[Any, str]:
         for key in ("messages", "conversations"):
@@ -241,7 +255,7 @@ class RowParser:
         where: str,
         legacy: list[RawImage],
         has_legacy: bool,
-        warnings: list[str],
+        notes: _Notes,
         cache: dict[str, ImagePart],
     ) -> list[Message]:
         if not isinstance(raw, list):
@@ -256,13 +270,13 @@ class RowParser:
         if has_legacy:
             apply_legacy(parsed, legacy)
         elif any(PLACEHOLDER in p for m in parsed for p in m.parts if isinstance(p, str)):
-            warnings.append(
+            notes.warnings.append(
                 f"{where}: text contains {PLACEHOLDER} but the row has no 'images' list; "
                 "kept as literal text"
             )
-        return [self._finish(m, warnings, cache) for m in parsed]
+        return [self._finish(m, notes, cache) for m in parsed]
 
-    def _finish(self, m: _RawMessage, warnings: list[str], cache: dict[str, ImagePart]) -> Message:
+    def _finish(self, m: _RawMessage, notes: _Notes, cache: dict[str, ImagePart]) -> Message:
         refs = [p for p in m.parts if isinstance(p, RawImage)]
         if refs and m.role == "assistant":
             raise RowError(
@@ -275,7 +289,8 @@ class RowParser:
         if self.cap is not None and m.role != "system" and len(refs) > self.cap:
             cut = {id(r) for r in refs[self.cap :]}
             m.parts = [p for p in m.parts if id(p) not in cut]
-            warnings.append(
+            notes.images_dropped += len(cut)
+            notes.warnings.append(
                 f"{m.field}: {len(refs)} images in one message, over the cap of "
                 f"{self.cap} per message; kept the first {self.cap}, "
                 f"dropped {len(refs) - self.cap}"

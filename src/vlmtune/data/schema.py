@@ -73,3 +73,10 @@ class RLRow:
 
 Row = SFTRow | PreferenceRow | RLRow
 RowKind = Literal["sft", "preference", "rl"]
+
+
+def row_images(row: Row) -> int:
+    """Images a row shows the model; a preference pair's shared prompt counts once."""
+    if isinstance(row, PreferenceRow):
+        return sum(len(m.images) for m in row.chosen) + len(row.rejected[-1].images)
+    return sum(len(m.images) for m in row.messages)

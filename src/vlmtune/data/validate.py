@@ -43,8 +43,9 @@ def iter_dataset(
     The file is opened now (so a missing file raises ``OSError`` here, not at the first
     ``next``); rows are read lazily. Pass a ``ValidationReport`` to receive the counts,
     drops and warnings; without one they are logged to the ``vlmtune.data`` logger.
-    ``max_images_per_message`` truncates extra images per message (a warning);
-    ``None`` disables the cap.
+    ``max_images_per_message`` truncates extra images per message (a warning, and
+    ``report.images_dropped``); ``None`` disables the cap. Training passes the resolved
+    cap (``vlmtune.defaults.image_cap``: unset there means the model family's).
     """
     path = Path(path)
     if kind not in KINDS:
@@ -102,6 +103,7 @@ def _rows(f: BinaryIO, parser: RowParser, report: ValidationReport | None) -> It
             if report is not None:
                 report.valid += 1
                 report.images += parsed.images
+                report.images_dropped += parsed.images_dropped
                 for message in parsed.warnings:
                     report.warn(line_no, message)
             else:

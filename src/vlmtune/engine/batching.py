@@ -21,7 +21,9 @@ TEXT, IMAGE = 0, 1
 
 
 def mrope_position_ids(
-    token_types_T: Sequence[int], grid_thws: Sequence[Sequence[int]], spatial_merge: int
+    token_types_T: Sequence[int],
+    grid_thws: Sequence[Sequence[int] | torch.Tensor],
+    spatial_merge: int,
 ) -> torch.Tensor:
     """3-D (temporal, height, width) positions of one example, shape ``(3, T)``.
 

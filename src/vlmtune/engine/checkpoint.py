@@ -2,8 +2,9 @@
 
 Weights and optimizer state are a ``torch.distributed.checkpoint`` (DCP) directory:
 under torchrun each rank writes its own shard, and DCP reshards on load, so a run
-saved on N processes resumes on M (one plain process included). Frozen base
-weights are left out; they come back from the base model.
+saved on N processes resumes on M (one plain process included). Only what trains
+is saved, a tied weight once: frozen base weights (a LoRA run's whole base, a frozen
+vision tower) come back from the base model.
 
     step-N/dcp/            DCP shards + .metadata
     step-N/rng-<rank>.pt   each rank's RNG state
@@ -13,10 +14,7 @@ weights are left out; they come back from the base model.
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,7 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from vlmtune.atomic import atomic_dir
 from vlmtune.engine import distributed as dist_utils
+from vlmtune.engine import placement
 
 DCP_DIR = "dcp"
 
@@ -43,13 +43,12 @@ def save_training_state(
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
-        get_model_state_dict,
         get_optimizer_state_dict,
     )
 
     options = StateDictOptions(ignore_frozen_params=True)
-    with _atomic_dir(path, info) as tmp:
-        state: dict[str, Any] = {"model": get_model_state_dict(model, options=options)}
+    with atomic_dir(path, _TorchRanks(info)) as tmp:
+        state: dict[str, Any] = {"model": trainable_state_dict(model)}
         if optimizer is not None:
             state["optim"] = get_optimizer_state_dict(model, optimizer, options=options)
         with _single_process_is_intended():
@@ -76,14 +75,15 @@ def load_training_state(
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
-        get_model_state_dict,
         get_optimizer_state_dict,
         set_model_state_dict,
         set_optimizer_state_dict,
     )
 
     options = StateDictOptions(ignore_frozen_params=True)
-    state: dict[str, Any] = {"model": get_model_state_dict(model, options=options)}
+    # The same keys as saved: checkpoints from before the tied-name filter hold more,
+    # which DCP leaves unread.
+    state: dict[str, Any] = {"model": trainable_state_dict(model)}
     if optimizer is not None and _has_optimizer_state(path / DCP_DIR):
         # A template holding this run's shards; DCP fills it in place.
         state["optim"] = get_optimizer_state_dict(model, optimizer, options=options)
@@ -94,12 +94,43 @@ def load_training_state(
     set_model_state_dict(
         model, state["model"], options=StateDictOptions(ignore_frozen_params=True, strict=False)
     )
-    if "optim" in state:
+    if optimizer is not None and "optim" in state:
         set_optimizer_state_dict(model, optimizer, state["optim"], options=options)
     # On more ranks than were saved, the new ones take rank 0's RNG state.
     rng = path / f"rng-{info.rank}.pt"
     _set_rng_state(torch.load(rng if rng.exists() else path / "rng-0.pt", weights_only=False))
     return meta
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, Any]:
+    """The model's state dict (sharded under FSDP) holding only trainable parameters,
+    each shared tensor once, plus persistent buffers.
+
+    ``ignore_frozen_params`` alone is not enough: it drops a frozen parameter under its
+    first name only, so the second name of a tied one stays, and a LoRA checkpoint
+    carried the whole frozen vocabulary as ``lm_head.weight``. A trained tied weight is
+    kept under its first name; loading it there sets the shared tensor.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))
+    for name in unsaved_param_names(model):
+        state.pop(name, None)
+    return state
+
+
+def unsaved_param_names(model: nn.Module) -> set[str]:
+    """State-dict names of frozen parameters and of second names of shared ones."""
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {_state_dict_name(n) for n in frozen.union(placement.duplicate_param_names(model))}
+
+
+# Module names that wrappers insert and that DCP's state-dict names leave out.
+_WRAPPER_PARTS = frozenset({"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
+
+
+def _state_dict_name(param_name: str) -> str:
+    return ".".join(part for part in param_name.split(".") if part not in _WRAPPER_PARTS)
 
 
 @contextmanager
@@ -153,48 +184,28 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class _atomic_dir:
-    """Write into a temp dir beside ``path``; rename into place only on success.
+class _TorchRanks:
+    """``atomic.Ranks`` over torchrun's process group (this process alone when off)."""
 
-    Under torchrun rank 0 makes the temp dir and tells the others its name; all
-    ranks write their shards into it (a filesystem every rank sees), and rank 0
-    renames it once every rank is done.
-    """
-
-    def __init__(self, path: Path, info: dist_utils.DistInfo) -> None:
-        self.path = path
+    def __init__(self, info: dist_utils.DistInfo) -> None:
         self.info = info
 
-    def __enter__(self) -> Path:
-        tmp = None
-        if self.info.is_main:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-            os.chmod(tmp, 0o755)  # mkdtemp makes it private; other ranks write into it
-        if self.info.enabled:
-            tmp = dist_utils.broadcast_from_main(tmp)
-        self.tmp = Path(str(tmp))
-        return self.tmp
+    @property
+    def is_main(self) -> bool:
+        return self.info.is_main
 
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        if self.info.enabled:
-            dist_utils.barrier()  # every shard written
-        try:
-            if self.info.is_main:
-                self._finish(exc_type)
-        finally:
-            if self.info.enabled:
-                dist_utils.barrier()  # the directory is in place for every rank
+    def share(self, value: str | None) -> str:
+        return str(dist_utils.broadcast_from_main(value) if self.info.enabled else value)
 
-    def _finish(self, exc_type: object) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        if self.path.exists():
-            old = self.path.with_name(f".{self.path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.path, old)
-            os.replace(self.tmp, self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.path)
+    def all_succeeded(self, ok: bool) -> bool:
+        if not self.info.enabled:
+            return ok
+        import torch.distributed as dist
+
+        oks: list[object] = [None] * self.info.world_size
+        dist.all_gather_object(oks, ok)
+        return all(oks)
+
+    def barrier(self) -> None:
+        if self.info.enabled:
+            dist_utils.barrier()

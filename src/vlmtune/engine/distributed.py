@@ -16,16 +16,21 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from vlmtune.engine.batching import pack_rows
+from vlmtune.models.structure import VLBackbone, VLModel
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 from vlmtune.types import Datum, TensorData
 
 T = TypeVar("T")
+V = TypeVar("V")
 
 # Set by `vlmtune train` on the processes it starts under torchrun, so they do not
 # launch torchrun again.
@@ -115,14 +120,14 @@ class ShardedRoot(nn.Module):
         return fn(*args, **kwargs)
 
 
-def _fsdp_modules(root: nn.Module) -> list[Any]:
+def _fsdp_modules(root: nn.Module) -> list[FSDPModule]:
     from torch.distributed.fsdp import FSDPModule
 
     return [m for m in root.modules() if isinstance(m, FSDPModule)]
 
 
 def shard_model(
-    model: nn.Module, hf_model: nn.Module, device: torch.device, settings: ShardingSettings
+    model: nn.Module, hf_model: VLModel, device: torch.device, settings: ShardingSettings
 ) -> ShardedRoot:
     """``fully_shard`` each vision block and decoder layer, then the root (bottom-up)."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -163,7 +168,7 @@ def shard_model(
 
 def shard_and_load(
     model: nn.Module,
-    hf_model: nn.Module,
+    hf_model: VLModel,
     device: torch.device,
     compute_dtype: torch.dtype,
     *,
@@ -209,7 +214,8 @@ def materialize_from_main(
         # Sharded parameters live in host memory under CPU offload; buffers never do.
         root.to_empty(device=torch.device("cpu") if cpu_offload else device)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_model_state_dict(model, full_state_dict, options=options)
+    # torch annotates the state dict as an invariant dict of its ValueType union
+    set_model_state_dict(model, full_state_dict, options=options)  # type: ignore[arg-type]
     for module in root.modules():
         for name, buf in module.named_buffers(recurse=False):
             on_device = buf.to(device)
@@ -280,7 +286,7 @@ def zero_weight_copy(datum: Datum) -> Datum:
     return Datum(model_input=datum.model_input, loss_fn_inputs=inputs)
 
 
-def blank_image_term(backbone: nn.Module, spatial_merge: int, dtype: torch.dtype) -> torch.Tensor:
+def blank_image_term(backbone: VLBackbone, spatial_merge: int, dtype: torch.dtype) -> torch.Tensor:
     """0 x the vision tower's output on the smallest blank image (one merged token).
 
     Under FSDP the vision blocks all-gather in their forward, so a rank whose
@@ -301,13 +307,21 @@ def blank_image_term(backbone: nn.Module, spatial_merge: int, dtype: torch.dtype
 
 def gather_outputs(
     per_datum: list[torch.Tensor | None],
-    metrics: dict[str, float],
+    metrics: dict[str, V],
     local: list[int],
-    merge: Callable[[dict[str, float], dict[str, float]], None],
-) -> tuple[list[torch.Tensor | None], dict[str, float]]:
-    """Every rank's per-datum logprobs (CPU copies) and merged metrics, on every rank."""
-    mine = {i: per_datum[i].detach().float().cpu() for i in local}  # type: ignore[union-attr]
-    merged: dict[str, float] = {}
+    merge: Callable[[dict[str, V], dict[str, V]], None],
+) -> tuple[list[torch.Tensor | None], dict[str, V]]:
+    """Every rank's per-datum logprobs (CPU copies) and merged metrics, on every rank.
+
+    ``merge(into, theirs)`` folds one rank's metrics in; they travel as given, so metrics
+    that keep their counts (``dispatch.MetricTotals``) merge into the exact mean.
+    """
+    mine: dict[int, torch.Tensor] = {}
+    for i in local:
+        lp = per_datum[i]
+        assert lp is not None  # this rank computed every datum in ``local``
+        mine[i] = lp.detach().float().cpu()
+    merged: dict[str, V] = {}
     for their_lps, their_metrics in all_gather_objects((mine, metrics)):
         for i, lp in their_lps.items():
             if per_datum[i] is None:
@@ -326,9 +340,29 @@ def all_gather_objects(obj: T) -> list[T]:
 
 def broadcast_from_main(obj: T) -> T:
     """Rank 0's ``obj`` on every rank."""
-    box = [obj if dist.get_rank() == 0 else None]
+    box: list[Any] = [obj if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
-    return box[0]  # type: ignore[return-value]
+    received: T = box[0]  # rank 0's, filled in place on every other rank
+    return received
+
+
+def all_reduce_grads(params: Sequence[nn.Parameter]) -> None:
+    """Sum the trainable gradients over all ranks, in one flat bucket (replicated DDP).
+
+    Each rank's gradient is its share of the global loss, so the sum is exactly the
+    one-process gradient, as FSDP2's summed reduce-scatter gives for sharded runs. A
+    parameter no pass reached on some rank (no image there) counts as zero.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(g).to(g.dtype)
+        offset += n
 
 
 def barrier() -> None:
@@ -361,7 +395,8 @@ def full_state_dict_on_main(
     options = StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only
     )
-    full = get_model_state_dict(model, options=options)
+    # torch types the result with its generic ValueType union; a model's are all tensors.
+    full = cast(dict[str, torch.Tensor], get_model_state_dict(model, options=options))
     for name in drop:
         full.pop(name, None)
     if dtype is not None:

@@ -8,24 +8,32 @@ model directly.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
+from vlmtune.defaults import image_cap
 from vlmtune.engine import dispatch, optim, placement
 from vlmtune.engine import distributed as dist_utils
 from vlmtune.engine.batching import Batch, collate, packing_efficiency
 from vlmtune.engine.checkpoint import load_training_state, save_training_state
+from vlmtune.engine.config import HOST_SETTINGS as HOST_SETTINGS  # re-exported
+from vlmtune.engine.config import RUN_SETTINGS as RUN_SETTINGS  # re-exported
+from vlmtune.engine.config import EngineConfig
 from vlmtune.engine.forward import ForwardPass
-from vlmtune.engine.sampling import generate
+from vlmtune.engine.sampling import SamplingContext, generate
+from vlmtune.models.adapters import LoraSettings, is_peft_model
 from vlmtune.models.loading import (
+    BuildOptions,
     LoadedModel,
+    ModelRequest,
     load_model,
-    save_model_dir,
     trainable_parameter_count,
 )
+from vlmtune.models.saving import save_model_dir
+from vlmtune.models.structure import as_vl_model
 from vlmtune.models.vision import ImagePreprocessor
 from vlmtune.render import Renderer
 from vlmtune.types import (
@@ -39,41 +47,6 @@ from vlmtune.types import (
 )
 
 CustomLossFn = Callable[[list[Datum], list[torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
-
-
-@dataclass
-class EngineConfig:
-    """What the engine is built from (one per training run)."""
-
-    base_model: str
-    mode: Literal["full", "lora", "qlora"] = "lora"
-    lora_rank: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    target_modules: list[str] | str = "all-linear"
-    freeze_vision_tower: bool = True
-    freeze_projector: bool = True
-    # The vocabulary matrix is most of a small model's weights (151,936 x hidden): its
-    # dense gradient and Adam state dominate a CPU step, and a tied LM head shares it.
-    freeze_embeddings: bool = False
-    min_pixels: int | None = None
-    max_pixels: int | None = None
-    max_images_per_message: int | None = 1
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    device: str = "auto"
-    micro_batch_size: int = 1
-    packing: bool = False  # several examples per row, positions restarting per example
-    max_row_tokens: int = 4096  # a packed row's capacity
-    gradient_checkpointing: bool = False
-    attention: Literal["sdpa", "flash_attention_2"] = "sdpa"  # HF attn_implementation
-    image_cache_dir: str | None = None  # on-disk cache of preprocessed pixels (content-keyed)
-    seed: int = 0
-    # Under torchrun: FSDP2 over all ranks. In one process only with ``fsdp`` (or CPU
-    # offload, which needs it): fp32 master weights under bf16 compute on one GPU.
-    fsdp: bool = False
-    fsdp_reshard_after_forward: bool = True  # False keeps layers gathered until backward
-    fsdp_reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # gradient reduce-scatter dtype
-    fsdp_cpu_offload: bool = False  # sharded params, grads and Adam state in host memory
 
 
 class TrainingEngine:
@@ -91,9 +64,10 @@ class TrainingEngine:
         self.dtype = placement.resolve_dtype(config.precision, self.device)
         torch.manual_seed(config.seed)
         load_dtype, load_device = self.dtype, self.device
-        if self.dist.enabled:
-            if config.mode == "qlora":
-                raise ValueError("qlora cannot be sharded with FSDP; use one GPU, or mode 'lora'")
+        # Replicated ranks each load the whole model onto their own device, as one
+        # process does; only the trainable gradients cross processes.
+        self.replicated = self.dist.enabled and (config.replicate or config.mode == "qlora")
+        if self.dist.enabled and not self.replicated:
             # Sharded full fine-tuning keeps fp32 master weights (FSDP computes in
             # self.dtype). Rank 0 reads the weights into host memory, the other ranks
             # build the model on the meta device; after sharding, rank 0 broadcasts
@@ -101,26 +75,29 @@ class TrainingEngine:
             load_device = torch.device("cpu")
             if config.mode == "full":
                 load_dtype = torch.float32
-        self.loaded = loaded or load_model(
+        request = ModelRequest(
             config.base_model,
+            revision=config.revision,
             mode=config.mode,
-            lora_r=config.lora_rank,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            target_modules=config.target_modules,
+            lora=LoraSettings(
+                config.lora_rank, config.lora_alpha, config.lora_dropout, config.target_modules
+            ),
             freeze_vision_tower=config.freeze_vision_tower,
             freeze_projector=config.freeze_projector,
-            dtype=load_dtype,
-            device=str(load_device),
-            gradient_checkpointing=config.gradient_checkpointing,
             min_pixels=config.min_pixels,
             max_pixels=config.max_pixels,
-            structure_only=self.dist.enabled and not self.dist.is_main,
-            attn_implementation=config.attention,
         )
+        options = BuildOptions(
+            dtype=load_dtype,
+            device=str(load_device),
+            attn_implementation=config.attention,
+            gradient_checkpointing=config.gradient_checkpointing,
+            structure_only=self.dist.enabled and not self.replicated and not self.dist.is_main,
+        )
+        self.loaded = loaded or load_model(request, options)
         self.model = self.loaded.model
         self.processor = self.loaded.processor
-        self.hf_model = placement.unwrap_hf(self.model)
+        self.hf_model = as_vl_model(placement.unwrap_hf(self.model))
         self.backbone = self.hf_model.model  # Qwen3VLModel: vision tower + language model
         hf_config = self.hf_model.config
         self.image_token_id: int = hf_config.image_token_id
@@ -133,7 +110,8 @@ class TrainingEngine:
             config.max_pixels,
             cache_dir=config.image_cache_dir,
         )
-        self.renderer = Renderer(tokenizer, self.image_preprocessor, config.max_images_per_message)
+        cap = image_cap(config.base_model, config.max_images_per_message)
+        self.renderer = Renderer(tokenizer, self.image_preprocessor, cap)
         if config.freeze_embeddings:
             self.hf_model.get_input_embeddings().weight.requires_grad_(False)
             self.hf_model.lm_head.weight.requires_grad_(False)
@@ -141,7 +119,7 @@ class TrainingEngine:
         # Second names of shared (tied) parameters, e.g. lm_head.weight: a gathered
         # state dict holds them as separate copies, which save_pretrained would keep.
         self._tied_names = placement.duplicate_param_names(self.model)
-        if self.dist.enabled:
+        if self.dist.enabled and not self.replicated:
             self._root = self._shard()
         # After sharding: fully_shard replaces every parameter with a DTensor shard.
         self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
@@ -165,7 +143,8 @@ class TrainingEngine:
         where = f"{self.device.type} {str(self.dtype).removeprefix('torch.')}"
         if self.dist.enabled:
             plural = "es" if self.dist.world_size > 1 else ""
-            where += f", FSDP2 over {self.dist.world_size} process{plural}"
+            how = "replicated" if self.replicated else "FSDP2"
+            where += f", {how} over {self.dist.world_size} process{plural}"
         return (
             f"model {self.loaded.spec.name} ({self.loaded.mode}; {where}): "
             f"{trainable:,} of {total:,} parameters train"
@@ -247,13 +226,15 @@ class TrainingEngine:
     ) -> ForwardBackwardOutput:
         self.model.train(backward)
         per_datum: list[torch.Tensor | None] = [None] * len(datums)
-        metrics: dict[str, float] = {}
+        totals: dispatch.MetricTotals = {}
         local: list[int] = []
         with torch.set_grad_enabled(backward):
             for idx, batch, padding in self._plan(datums):
                 logprobs_B_T = self.token_logprobs(batch, dispatch.needed_positions(batch, loss_fn))
                 loss, mb_metrics = dispatch.builtin_loss(batch, logprobs_B_T, loss_fn, config or {})
-                if backward:
+                # No weighted token in the micro-batch (one process; sharded ranks anchor
+                # one): the loss is a constant and its gradient zero, nothing to backprop.
+                if backward and loss.requires_grad:
                     loss.backward()
                 if padding:
                     continue
@@ -262,17 +243,19 @@ class TrainingEngine:
                 ):
                     per_datum[i] = lp
                 local.extend(idx)
-                dispatch.merge_metrics(metrics, mb_metrics)
+                dispatch.add_metrics(totals, mb_metrics)
         if self.config.packing and local:
-            metrics["packing_efficiency"] = self.last_packing_efficiency
-        if self._root is not None:
-            if not backward:
-                dist_utils.reshard_all(self._root)
-            per_datum, metrics = dist_utils.gather_outputs(
-                per_datum, metrics, local, dispatch.merge_metrics
+            # name:reduction, as every metric (a server passes it through unchanged)
+            dispatch.add_metrics(totals, {"packing_efficiency:mean": self.last_packing_efficiency})
+        if self._root is not None and not backward:
+            dist_utils.reshard_all(self._root)
+        if self.dist.enabled:
+            per_datum, totals = dist_utils.gather_outputs(
+                per_datum, totals, local, dispatch.merge_metrics
             )
         return ForwardBackwardOutput(
-            loss_fn_outputs=dispatch.as_outputs(per_datum), metrics=metrics
+            loss_fn_outputs=dispatch.as_outputs(dispatch.filled(per_datum)),
+            metrics=dispatch.final_metrics(totals),
         )
 
     # ---- primitives -------------------------------------------------------------------
@@ -329,7 +312,7 @@ class TrainingEngine:
             for i, lp in zip(idx, dispatch.per_datum(batch, logprobs_B_T), strict=True):
                 per_datum[i] = lp
             local.extend(idx)
-        if self._root is not None:
+        if self.dist.enabled:
             # The loss may couple data across ranks (DPO pairs), so every rank evaluates
             # it on all logprobs: its own attached to the graph, the others' as
             # constants. Summing the ranks' gradients then gives the exact gradient.
@@ -337,12 +320,11 @@ class TrainingEngine:
             per_datum, _ = dist_utils.gather_outputs(per_datum, {}, local, dispatch.merge_metrics)
             per_datum = [attached.get(i, lp) for i, lp in enumerate(per_datum)]
             per_datum = [lp.to(self.device) if lp is not None else None for lp in per_datum]
-        loss, metrics = loss_fn(list(datums), per_datum)
+        logprobs = dispatch.filled(per_datum)
+        loss, metrics = loss_fn(list(datums), logprobs)
         (loss + sum(padding_terms)).backward()
         metrics = {**metrics, "loss:sum": float(loss.detach())}
-        return ForwardBackwardOutput(
-            loss_fn_outputs=dispatch.as_outputs(per_datum), metrics=metrics
-        )
+        return ForwardBackwardOutput(loss_fn_outputs=dispatch.as_outputs(logprobs), metrics=metrics)
 
     def reference_forward(
         self,
@@ -357,6 +339,7 @@ class TrainingEngine:
         needs reference values only for fixed data should compute them once up front.
         """
         if self.loaded.mode in ("lora", "qlora"):
+            assert is_peft_model(self.model)  # load_model wraps lora and qlora models
             with self.model.disable_adapter():
                 return self._run(datums, loss_fn, loss_fn_config, backward=False)
         if self._reference is None:
@@ -370,6 +353,8 @@ class TrainingEngine:
         """AdamW step with this call's hyperparameters, optional clipping; zeroes grads."""
         if self.optimizer is None:
             self.optimizer = optim.new_adamw(self.trainable_params, params.learning_rate)
+        if self.replicated:
+            dist_utils.all_reduce_grads(self.trainable_params)
         grad_norm = optim.clip_and_step(self.optimizer, self.trainable_params, params, self.device)
         self.step += 1
         return OptimStepResponse(
@@ -385,9 +370,21 @@ class TrainingEngine:
         layers gather on every step) and all return rank 0's samples, so recipes that
         branch on samples (RL) build the same batch on every rank.
         """
-        if self._root is None:
-            return generate(self, prompts, num_samples, params)
-        out = self._root(generate, self, prompts, num_samples, params)
+        ctx = SamplingContext(
+            hf_model=self.hf_model,
+            mode_owner=self.model,
+            collate=self.collate,
+            tokenizer=self.processor.tokenizer,
+            stop_token_ids=list(self.renderer.stop_token_ids),
+            pad_token_id=self.pad_token_id,
+            image_token_id=self.image_token_id,
+            dtype=self.dtype,
+        )
+        if not self.dist.enabled:
+            return generate(ctx, prompts, num_samples, params)
+        if self._root is None:  # replicated: the same weights everywhere, rank 0's draw
+            return dist_utils.broadcast_from_main(generate(ctx, prompts, num_samples, params))
+        out = self._root(generate, ctx, prompts, num_samples, params)
         dist_utils.reshard_all(self._root)
         return dist_utils.broadcast_from_main(out)
 
@@ -413,7 +410,10 @@ class TrainingEngine:
         writes the directory, through the same ``save_model_dir`` as one process.
         """
         if self._root is None:
-            return save_model_dir(self.loaded, self.processor, Path(path))
+            if self.dist.is_main:  # replicated ranks hold the same weights
+                save_model_dir(self.loaded, self.processor, Path(path))
+            dist_utils.barrier()
+            return Path(path)
         # An adapter needs only the trainable (LoRA) weights, not the gathered base; fp32
         # master weights go out in the compute dtype, as one process saves them (half
         # the size, and a config dtype that vLLM's "auto" serves in bf16).

@@ -16,12 +16,13 @@ from torch import nn
 from vlmtune.engine.batching import Batch
 from vlmtune.engine.distributed import blank_image_term
 from vlmtune.engine.logprobs import selected_token_logprobs
+from vlmtune.models.structure import VLBackbone
 
 
 @dataclass
 class ForwardPass:
-    backbone: nn.Module  # Qwen3VLModel: vision tower + language model
-    lm_head: nn.Module
+    backbone: VLBackbone
+    lm_head: nn.Linear
     dtype: torch.dtype  # compute dtype of the pixel values
     spatial_merge: int
     vision_trainable: bool  # False: the tower runs without autograd

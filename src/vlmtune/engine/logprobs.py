@@ -155,7 +155,7 @@ def fused_token_logprobs(
 
 def selected_token_logprobs(
     hidden_N_H: torch.Tensor,
-    lm_head: torch.nn.Module,
+    lm_head: torch.nn.Linear,
     targets_N: torch.Tensor,
     chunk_tokens: int | None = None,
     fused: str | None = None,

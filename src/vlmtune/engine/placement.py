@@ -11,15 +11,20 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """bf16 where the device supports it, else fp32 (CPU bf16 matmuls are slow and lossy)."""
+def resolve_dtype(
+    precision: str, device: torch.device, bf16_supported: bool | None = None
+) -> torch.dtype:
+    """``auto``: bf16 on a CUDA device that supports it, else fp32 (CPU bf16 matmuls are
+    slow and lossy). ``bf16_supported``: whether the GPU has bf16 (None: ask CUDA)."""
     if precision == "fp32":
         return torch.float32
     if precision == "bf16":
         return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    if device.type != "cuda":
+        return torch.float32
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if bf16_supported else torch.float32
 
 
 def unwrap_hf(model: torch.nn.Module) -> torch.nn.Module:

@@ -24,12 +24,12 @@ import pickle
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vlmtune.models.vision import ImagePreprocessor
+from vlmtune.models.vision import CacheSource, ImagePreprocessor
 from vlmtune.types import Datum, ImageChunk, ModelInput
 
 # Images per worker round-trip: one shared-memory tensor per chunk, not per image
@@ -111,6 +111,7 @@ class _Chunks(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         first = index * _CHUNK
         pixels, grids, patches, sources = [], [], [], []
+        source: str
         for key, data in self.todo[first : first + _CHUNK]:
             try:
                 pixel_values, grid, source = self.preprocessor.load_or_compute(data, key)
@@ -131,7 +132,9 @@ class _Chunks(Dataset):
         }
 
 
-def _unpack(chunk: dict[str, Any]) -> Iterable[tuple[int, Any, Any, str]]:
+def _unpack(
+    chunk: dict[str, Any],
+) -> Iterable[tuple[int, torch.Tensor | None, torch.Tensor, str]]:
     """(position in todo, pixel_values, grid, source) per image of a chunk."""
     pixels = chunk["pixels"]
     offset = 0
@@ -173,15 +176,18 @@ def prefetch_images(
     stats.already_cached = stats.images - len(pending)
     done: list[str] = []
 
-    def record(key: str, pixel_values: Any, grid: Any, source: str) -> None:
+    def record(
+        key: str, pixel_values: torch.Tensor | None, grid: torch.Tensor, source: str
+    ) -> None:
         if source.startswith("error"):
             stats.failed += 1
             if len(stats.errors) < 5:
                 stats.errors.append(source)
             return
+        assert pixel_values is not None  # only a failed image has none
         stats.decoded += source == "decoded"
         stats.disk_hits += source == "disk"
-        preprocessor.record_source(source)  # type: ignore[arg-type]
+        preprocessor.record_source(cast(CacheSource, source))  # not an error: a cache source
         preprocessor.remember(key, pixel_values, grid)
         done.append(key)
 
@@ -218,7 +224,8 @@ def prefetch_images(
             chunks,
             batch_size=None,  # each item already is a chunk
             num_workers=stats.workers,
-            collate_fn=_no_collate,
+            # torch types collate_fn for batches (a list); batch_size=None passes items
+            collate_fn=_no_collate,  # type: ignore[arg-type]
             multiprocessing_context=multiprocessing_context,
             prefetch_factor=4,
         )

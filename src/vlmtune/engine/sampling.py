@@ -6,15 +6,37 @@ distribution at each sampled token: the quantity the training losses compare aga
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
-from vlmtune.types import Datum, ModelInput, SampledSequence, SampleResponse, SamplingParams
+from vlmtune.engine.batching import Batch
+from vlmtune.models.structure import VLModel
+from vlmtune.types import (
+    Datum,
+    ModelInput,
+    SampledSequence,
+    SampleResponse,
+    SamplingParams,
+    StopReason,
+)
 
-if TYPE_CHECKING:
-    from vlmtune.engine.engine import TrainingEngine
+
+@dataclass(frozen=True)
+class SamplingContext:
+    """What generation needs from an engine, and nothing more (no engine import)."""
+
+    hf_model: VLModel  # the HF model, whose ``generate`` runs
+    mode_owner: nn.Module  # train/eval is switched here (a peft wrapper, or the HF model)
+    collate: Callable[[list[Datum]], Batch]  # the training collation, on the device
+    tokenizer: Any
+    stop_token_ids: list[int]
+    pad_token_id: int
+    image_token_id: int
+    dtype: torch.dtype  # pixels are cast to the compute dtype, as in training
 
 
 def left_pad(
@@ -31,8 +53,8 @@ def left_pad(
     return ids, mask
 
 
-def _stop_ids(engine: TrainingEngine, params: SamplingParams) -> tuple[list[int], list[str]]:
-    ids = list(engine.renderer.stop_token_ids)
+def _stop_ids(ctx: SamplingContext, params: SamplingParams) -> tuple[list[int], list[str]]:
+    ids = list(ctx.stop_token_ids)
     strings: list[str] = []
     for s in params.stop or []:
         if isinstance(s, int):
@@ -43,7 +65,7 @@ def _stop_ids(engine: TrainingEngine, params: SamplingParams) -> tuple[list[int]
 
 
 def generate(
-    engine: TrainingEngine,
+    ctx: SamplingContext,
     prompts: Sequence[ModelInput],
     num_samples: int,
     params: SamplingParams,
@@ -52,7 +74,7 @@ def generate(
     expanded = [p for p in prompts for _ in range(num_samples)]
     sequences: list[SampledSequence] = []
     for start in range(0, len(expanded), max_batch):
-        sequences.extend(_generate_batch(engine, expanded[start : start + max_batch], params))
+        sequences.extend(_generate_batch(ctx, expanded[start : start + max_batch], params))
     return [
         SampleResponse(sequences=sequences[i * num_samples : (i + 1) * num_samples])
         for i in range(len(prompts))
@@ -61,24 +83,24 @@ def generate(
 
 @torch.no_grad()
 def _generate_batch(
-    engine: TrainingEngine, prompts: Sequence[ModelInput], params: SamplingParams
+    ctx: SamplingContext, prompts: Sequence[ModelInput], params: SamplingParams
 ) -> list[SampledSequence]:
-    batch = engine.collate([Datum(model_input=p) for p in prompts])
-    ids_B_T, mask_B_T = left_pad(batch.input_ids_B_T, batch.attention_mask_B_T, engine.pad_token_id)
-    stop_ids, stop_strings = _stop_ids(engine, params)
+    batch = ctx.collate([Datum(model_input=p) for p in prompts])
+    ids_B_T, mask_B_T = left_pad(batch.input_ids_B_T, batch.attention_mask_B_T, ctx.pad_token_id)
+    stop_ids, stop_strings = _stop_ids(ctx, params)
     kwargs: dict = {
         "input_ids": ids_B_T,
         "attention_mask": mask_B_T,
-        "mm_token_type_ids": (ids_B_T == engine.image_token_id).int(),
+        "mm_token_type_ids": (ids_B_T == ctx.image_token_id).int(),
         "max_new_tokens": params.max_tokens,
         "eos_token_id": stop_ids,
-        "pad_token_id": engine.pad_token_id,
+        "pad_token_id": ctx.pad_token_id,
         "output_logits": True,
         "return_dict_in_generate": True,
         "use_cache": True,
     }
     if batch.pixel_values is not None:
-        kwargs["pixel_values"] = batch.pixel_values.to(engine.dtype)
+        kwargs["pixel_values"] = batch.pixel_values.to(ctx.dtype)
         kwargs["image_grid_thw"] = batch.image_grid_thw
     if params.temperature > 0:
         kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
@@ -86,17 +108,17 @@ def _generate_batch(
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     if stop_strings:
-        kwargs.update(stop_strings=stop_strings, tokenizer=engine.processor.tokenizer)
+        kwargs.update(stop_strings=stop_strings, tokenizer=ctx.tokenizer)
 
-    was_training = engine.model.training
-    engine.model.eval()
+    was_training = ctx.mode_owner.training
+    ctx.mode_owner.eval()
     try:
         with torch.random.fork_rng(devices=[]):
             if params.seed is not None:
                 torch.manual_seed(params.seed)
-            out = engine.hf_model.generate(**kwargs)
+            out = ctx.hf_model.generate(**kwargs)
     finally:
-        engine.model.train(was_training)
+        ctx.mode_owner.train(was_training)
 
     new_B_N = out.sequences[:, ids_B_T.shape[1] :].cpu()
     logits = torch.stack(out.logits, dim=1).float()  # (B, N, V)
@@ -104,11 +126,12 @@ def _generate_batch(
         -1, new_B_N.unsqueeze(-1).to(logits.device)
     )
     logprobs_B_N = logprobs_B_N.squeeze(-1).cpu()
-    tokenizer = engine.processor.tokenizer
+    tokenizer = ctx.tokenizer
     results = []
     for b in range(new_B_N.shape[0]):
         tokens = new_B_N[b].tolist()
-        n, reason = len(tokens), "length"
+        n = len(tokens)
+        reason: StopReason = "length"
         for i, t in enumerate(tokens):
             if t in stop_ids:
                 n, reason = i + 1, "stop"

@@ -118,10 +118,27 @@ _SPECS: tuple[ModelSpec, ...] = (
     TINY_MOE_SPEC,
 )
 
+# Hosted fine-tuning services name the same checkpoints by resource name: the one table
+# from those names to Hugging Face ids (get_model_spec and resolve_model_path read it).
+HOSTED_PREFIX = "accounts/fireworks/models/"
+HOSTED_MODEL_NAMES: dict[str, str] = {
+    f"{HOSTED_PREFIX}qwen3-vl-2b-instruct": "Qwen/Qwen3-VL-2B-Instruct",
+    f"{HOSTED_PREFIX}qwen3-vl-4b-instruct": "Qwen/Qwen3-VL-4B-Instruct",
+    f"{HOSTED_PREFIX}qwen3-vl-8b-instruct": "Qwen/Qwen3-VL-8B-Instruct",
+    f"{HOSTED_PREFIX}qwen3-vl-32b-instruct": "Qwen/Qwen3-VL-32B-Instruct",
+    f"{HOSTED_PREFIX}qwen3-vl-30b-a3b-instruct": "Qwen/Qwen3-VL-30B-A3B-Instruct",
+    f"{HOSTED_PREFIX}qwen3-vl-235b-a22b-instruct": "Qwen/Qwen3-VL-235B-A22B-Instruct",
+}
+
 _BY_KEY: dict[str, ModelSpec] = {}
 for _spec in _SPECS:
     for _key in (_spec.name, *_spec.aliases):
         _BY_KEY[_key.lower()] = _spec
+for _hosted, _hf_id in HOSTED_MODEL_NAMES.items():
+    _BY_KEY[_hosted] = _BY_KEY[_hf_id.lower()]
+
+# A Hugging Face repo id: owner/name (huggingface_hub validates the details).
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 class UnknownModelError(KeyError):
@@ -135,18 +152,36 @@ def list_models() -> list[ModelSpec]:
     return list(_SPECS)
 
 
+def hub_id(name: str) -> str | None:
+    """The Hugging Face repo a name stands for: a registry name or alias, a hosted
+    service's resource name, or an ``owner/name`` id as it is; None otherwise (the tiny
+    models are built locally, never fetched)."""
+    spec = _BY_KEY.get(name.strip().lower())
+    if spec is not None:
+        return spec.name if "/" in spec.name else None
+    return name.strip() if _HUB_ID.fullmatch(name.strip()) else None
+
+
+def known_names_hint(name: str) -> str:
+    """The names a user could have meant, for an error message about ``name``."""
+    if name.strip().lower().startswith("accounts/"):
+        return "hosted names vlmtune maps: " + ", ".join(HOSTED_MODEL_NAMES)
+    known = ", ".join(s.name for s in _SPECS)
+    return f"expected one of {known} (or a short alias such as 'qwen3-vl-8b')"
+
+
 def get_model_spec(name_or_path: str) -> ModelSpec:
-    """Look a model up by id (case-insensitive), short alias, or local checkpoint directory."""
+    """Look a model up by id (case-insensitive), short alias, hosted resource name
+    (``accounts/fireworks/models/...``), or local checkpoint directory."""
     spec = _BY_KEY.get(name_or_path.strip().lower())
     if spec is not None:
         return spec
     path = Path(name_or_path).expanduser()
     if (path / "config.json").is_file():
         return spec_from_dir(path)
-    known = ", ".join(s.name for s in _SPECS)
     raise UnknownModelError(
-        f"unknown model {name_or_path!r}: expected one of {known} (or a short alias such as "
-        "'qwen3-vl-8b'), or a local Qwen3-VL checkpoint directory containing config.json"
+        f"unknown model {name_or_path!r}: {known_names_hint(name_or_path)}, or a local "
+        "Qwen3-VL checkpoint directory containing config.json"
     )
 
 

@@ -180,20 +180,22 @@ def build_tiny_processor(out_dir: Path) -> Any:
 
     write_tiny_tokenizer(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(out_dir))
-    norm = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    norm = [0.5, 0.5, 0.5]  # mean and std of each channel
     image_processor = Qwen2VLImageProcessor(
         size={"shortest_edge": TINY_MIN_PIXELS, "longest_edge": TINY_MAX_PIXELS},
         patch_size=16,
         temporal_patch_size=2,
         merge_size=2,
-        **norm,
+        image_mean=norm,
+        image_std=norm,
     )
     video_processor = Qwen3VLVideoProcessor(
         size={"shortest_edge": TINY_MIN_PIXELS, "longest_edge": 16 * TINY_MAX_PIXELS},
         patch_size=16,
         temporal_patch_size=2,
         merge_size=2,
-        **norm,
+        image_mean=norm,
+        image_std=norm,
     )
     processor = Qwen3VLProcessor(
         image_processor=image_processor,
@@ -216,7 +218,8 @@ def build_tiny_model(out_dir: Path, *, moe: bool = False) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
         model_class = Qwen3VLMoeForConditionalGeneration if moe else Qwen3VLForConditionalGeneration
-        model = model_class(tiny_config(moe)).to(torch.float32)
+        # transformers wraps ``to`` in functools.wraps, which mypy takes for an unbound method
+        model = model_class(tiny_config(moe)).to(torch.float32)  # type: ignore[arg-type]
     with torch.no_grad():
         model.model.language_model.norm.weight.fill_(TINY_FINAL_NORM_GAIN)
     model.save_pretrained(str(out_dir), safe_serialization=True)

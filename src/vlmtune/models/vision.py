@@ -16,8 +16,6 @@ import hashlib
 import io
 import json
 import math
-import os
-import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -26,6 +24,8 @@ from typing import Any, Literal
 
 import torch
 from PIL import Image
+
+from vlmtune.atomic import atomic_path
 
 # Bump when the on-disk layout or the preprocessing semantics change: old files then
 # simply stop matching (new keys) instead of being misread.
@@ -62,9 +62,8 @@ def decode_image_bytes(data: bytes) -> Image.Image:
     except ImportError:  # data layer not available yet: plain PIL, same orientation rule
         from PIL import ImageOps
 
-        with Image.open(io.BytesIO(data)) as img:
-            img = ImageOps.exif_transpose(img)
-            return img.convert("RGB")
+        with Image.open(io.BytesIO(data)) as raw:
+            return ImageOps.exif_transpose(raw).convert("RGB")
     return decode_image(data)
 
 
@@ -304,23 +303,16 @@ class ImagePreprocessor:
         path = self._disk_path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            # Temp file in the same directory + rename: readers (other workers, other
-            # runs) see either no file or a whole one, never a partial write.
-            fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            try:
+            # Readers (other workers, other runs) see no file or a whole one.
+            with atomic_path(path) as tmp:
                 save_file(
                     {
                         "pixel_values": pixel_values.contiguous(),
                         "image_grid_thw": grid.contiguous(),
                     },
-                    tmp,
+                    str(tmp),
                     metadata={"settings": json.dumps(self.settings(), sort_keys=True)},
                 )
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
         except OSError:  # a full or read-only disk must not stop training
             self.stats.disk_errors += 1
             return

@@ -269,6 +269,7 @@ def estimate_memory(
     lora_rank: int = 16,
     cpu_offload: bool = False,
     fsdp: bool = False,
+    replicate: bool = False,
     reshard_after_forward: bool = True,
     reduce_dtype: Literal["fp32", "bf16"] = "fp32",
     freeze_vision: bool = True,
@@ -281,7 +282,10 @@ def estimate_memory(
     notes: list[str] = []
     cb = 4 if precision == "fp32" or device == "cpu" else 2
     n = max(1, world_size)
-    sharded = n > 1 or fsdp or cpu_offload  # one process shards too when asked (or offloading)
+    # One process shards too when asked (or offloading). qlora never shards: 4-bit
+    # weights are replicated on every GPU and only LoRA gradients are all-reduced.
+    replicated = n > 1 and (replicate or mode == "qlora")
+    sharded = (n > 1 or fsdp or cpu_offload) and not replicated and mode != "qlora"
     P = dims.total_params
     vision = dims.vision_params
     embed = dims.embedding_params + dims.head_params
@@ -293,18 +297,20 @@ def estimate_memory(
         trainable = dims.lora_params(lora_rank, vision=not freeze_vision)
     if mode != "full" and dims.experts:
         notes.append("MoE: LoRA adapts attention only (fused experts train in mode full)")
-    if mode == "qlora" and sharded:
-        notes.append("qlora is single-GPU only in this engine (not sharded)")
+    if replicated:
+        notes.append(f"data-parallel: the whole model on each of {n} GPUs (not sharded)")
 
     # -- weights, grads, optimizer ---------------------------------------------------------
     if mode == "qlora":
         quantised = dims.layers * (dims.layer_params - 2 * dims.hidden - 2 * dims.head_dim)
         weights = int(quantised * QLORA_BYTES_PER_PARAM) + 4 * (P - quantised) + 4 * trainable
         grads, optimizer = 4 * trainable, 8 * trainable
+        grads += 4 * trainable if replicated else 0  # the all-reduce's flat fp32 bucket
     elif not sharded:
         state_bytes = cb if mode == "full" else 4  # peft keeps adapters in fp32
         weights = cb * P + (4 * trainable if mode == "lora" else 0)
         grads, optimizer = state_bytes * trainable, 2 * state_bytes * trainable
+        grads += 4 * trainable if replicated else 0  # the all-reduce's flat fp32 bucket
     else:
         stored = 4 * P if mode == "full" else cb * P + 4 * trainable
         weights, grads, optimizer = stored // n, 4 * trainable // n, 8 * trainable // n

@@ -40,7 +40,7 @@ class TrainingShape:
     gpu_count: int  # GPUs (or CPU processes) per node
     nodes: int = 1
     modes: tuple[Literal["full", "lora", "qlora"], ...] = ("lora",)
-    sharding: Literal["full_shard", "shard_grad_op"] = "full_shard"
+    sharding: Literal["full_shard", "shard_grad_op", "replicate"] = "full_shard"
     precision: Literal["bf16", "fp32"] = "bf16"
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: bool = True
@@ -77,6 +77,7 @@ class TrainingShape:
             "fsdp_reshard_after_forward": self.sharding == "full_shard",
             "fsdp_reduce_dtype": self.reduce_dtype,
             "fsdp_cpu_offload": self.cpu_offload,
+            "replicate": self.sharding == "replicate",
         }
 
 
@@ -101,6 +102,16 @@ _SHAPES: tuple[TrainingShape, ...] = (
     _gpu("qwen3-vl-2b-32k", "Qwen/Qwen3-VL-2B-Instruct", 32_768, 1, ("full", "lora", "qlora")),
     _gpu("qwen3-vl-4b-32k", "Qwen/Qwen3-VL-4B-Instruct", 32_768, 1, ("lora", "qlora")),
     _gpu("qwen3-vl-8b-32k", "Qwen/Qwen3-VL-8B-Instruct", 32_768, 4, ("full", "lora")),
+    # QLoRA is data-parallel: each GPU holds the 4-bit base, LoRA gradients are all-reduced.
+    _gpu(
+        "qwen3-vl-8b-32k-qlora-x2",
+        "Qwen/Qwen3-VL-8B-Instruct",
+        32_768,
+        2,
+        ("qlora",),
+        sharding="replicate",
+        description="QLoRA data-parallel on two GPUs (the hosted trainer's use_qlora jobs)",
+    ),
     _gpu("qwen3-vl-8b-65k", "Qwen/Qwen3-VL-8B-Instruct", 65_536, 4, ("lora",)),
     _gpu("qwen3-vl-32b-32k", "Qwen/Qwen3-VL-32B-Instruct", 32_768, 8, ("lora",)),
     _gpu("qwen3-vl-30b-a3b-32k", "Qwen/Qwen3-VL-30B-A3B-Instruct", 32_768, 4, ("lora",)),

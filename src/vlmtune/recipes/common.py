@@ -1,13 +1,16 @@
-"""Small pieces every recipe composes: schedules, data order, the run directory, logging."""
+"""What every recipe shares besides its algorithm: setup (vision defaults, the run
+directory), data loading and its report, the schedule, data order, checkpoints and
+evals, logging. Each loop stays in its own module, readable top to bottom."""
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
 from typing import Any, TextIO
 
 from rich.progress import (
@@ -18,15 +21,26 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from vlmtune.config import JobFile
+from vlmtune.config import ConfigError, HyperparametersConfig, JobFile
+from vlmtune.data import load_dataset
+from vlmtune.data.report import ValidationReport
+from vlmtune.defaults import apply_vision_defaults, image_cap, resolved_lines
 from vlmtune.engine.distributed import is_main_process
-from vlmtune.sdk import ServiceClient, TrainingClient
+from vlmtune.engine.engine import EngineConfig
+from vlmtune.recipes.run_dir import REPORT_FILE, RunDir
+from vlmtune.render_rows import METHOD_KIND
+from vlmtune.sdk import ServiceClient, ServiceClientProtocol, TrainingClientProtocol, connect
+from vlmtune.settings import SettingChange
 from vlmtune.types import AdamParams
 
 CHECKPOINT_PREFIX = "step-"
+# checkpoints/step-N.remote: the tinker:// path of a state a server keeps for this run
+REMOTE_SUFFIX = ".remote"
+# Where a recipe's lines go: ``print``, or rank 0's ``vlmtune train`` reporter.
+LogFn = Callable[[str], object]
 
 
-def main_process_log(log: Any) -> Any:
+def main_process_log(log: LogFn) -> LogFn:
     """``log`` on rank 0; a no-op elsewhere (N ranks would print every line N times)."""
     return log if is_main_process() else (lambda *args, **kwargs: None)
 
@@ -66,38 +80,36 @@ def batch_indices(step: int, n_examples: int, batch_size: int, seed: int) -> lis
     return order[within * batch_size : (within + 1) * batch_size]
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = [
-        p
-        for p in (run_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*")
-        if p.is_dir() and p.name[len(CHECKPOINT_PREFIX) :].isdigit() and (p / "state.json").exists()
-    ]
-    return max(ckpts, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]), default=None)
+def latest_checkpoint(run_dir: Path) -> str | None:
+    """The latest resumable state, as ``load_state`` takes it: ``checkpoints/step-N/``,
+    or the server path a ``checkpoints/step-N.remote`` file holds (a remote run's)."""
+    found: dict[int, str] = {}
+    for p in (run_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*"):
+        step = p.name[len(CHECKPOINT_PREFIX) :].removesuffix(REMOTE_SUFFIX)
+        if not step.isdigit():
+            continue
+        if p.is_dir() and (p / "state.json").exists():
+            found[int(step)] = str(p)
+        elif p.is_file() and p.name.endswith(REMOTE_SUFFIX):
+            found[int(step)] = p.read_text().strip()
+    return found[max(found)] if found else None
 
 
-class MetricsLog:
-    """``metrics.jsonl``: one JSON object per step or eval; on resume, later lines are cut."""
+def save_checkpoint(tc: TrainingClientProtocol, run: RunDir, step: int) -> str:
+    """Resumable state after ``step`` steps, named ``step-N``: in-process it is the
+    folder ``checkpoints/step-N/``; a server keeps it and answers with its path, which
+    goes in ``checkpoints/step-N.remote`` so that ``--resume`` finds it."""
+    where = tc.save_state(f"{CHECKPOINT_PREFIX}{step}", extra={"step": step}).result()
+    if "://" in where:
+        run.write_text(f"checkpoints/{CHECKPOINT_PREFIX}{step}{REMOTE_SUFFIX}", where + "\n")
+    return where
 
-    def __init__(self, path: Path, resume_step: int | None = None) -> None:
-        self.path = path
-        self.enabled = is_main_process()  # other ranks compute the same records
-        if not self.enabled:
-            return
-        if resume_step is not None and path.exists():
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
-            path.write_text("".join(f"{line}\n" for line in kept))
-        elif resume_step is None:
-            path.write_text("")
 
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+def save_final(tc: TrainingClientProtocol, run: RunDir) -> str:
+    """The servable model: ``run_dir/final/`` in-process; on a server, its
+    ``tinker://<run>/sampler_weights/final`` path (served there: sample from it, or
+    promote it), which the summary records in place of a folder."""
+    return tc.save_weights_for_sampler(str(run.path / "final")).result().path
 
 
 class ProgressBar:
@@ -134,8 +146,13 @@ class ProgressBar:
         self.progress.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.progress.__exit__(exc_type, exc, tb)
 
     def update(self, step: int, loss: float, examples_per_s: float) -> None:
         self.progress.update(self.task, completed=step, loss=loss, eps=examples_per_s)
@@ -150,7 +167,7 @@ class ProgressBar:
             )
 
 
-def adam_params(hp: Any, learning_rate: float) -> AdamParams:
+def adam_params(hp: HyperparametersConfig, learning_rate: float) -> AdamParams:
     """The optimizer settings of ``[hyperparameters]`` at this step's learning rate."""
     return AdamParams(
         learning_rate=learning_rate,
@@ -162,7 +179,9 @@ def adam_params(hp: Any, learning_rate: float) -> AdamParams:
     )
 
 
-def resume_start_step(tc: Any, run_dir: Path, resume: bool, log: Any = print) -> int:
+def resume_start_step(
+    tc: TrainingClientProtocol, run_dir: Path, resume: bool, log: LogFn = print
+) -> int:
     """The step to start from: 0, or the latest checkpoint's (its state is loaded into ``tc``)."""
     if not resume:
         return 0
@@ -175,41 +194,171 @@ def resume_start_step(tc: Any, run_dir: Path, resume: bool, log: Any = print) ->
     return step
 
 
-def create_training_client(job: JobFile, run_dir: Path) -> TrainingClient:
-    """The job's model, adapter and vision settings as an in-process training client.
-
-    Packing applies to every method: DPO pairs and RL completions are short, and packing
-    them into rows of ``sequence_length`` tokens makes a CPU step 10-40x faster than one
-    example per micro-batch, with per-example outputs unchanged.
-    """
-    mode = job.finetune_mode
-    return ServiceClient().create_training_client(
-        job.job.model,
-        checkpoint_dir=run_dir / "checkpoints",
-        lora_rank=0 if mode == "full" else job.lora.r,
-        mode=mode,
-        lora_alpha=job.lora.alpha,
-        lora_dropout=job.lora.dropout,
-        target_modules=job.lora.target_modules,
-        freeze_vision_tower=job.model.freeze_vision_tower,
-        freeze_projector=job.model.freeze_projector,
-        freeze_embeddings=job.model.freeze_embeddings,
-        min_pixels=job.model.min_pixels,
-        max_pixels=job.model.max_pixels,
-        max_images_per_message=job.model.max_images_per_message,
-        precision="bf16" if job.training.precision == "bf16" else "fp32",
-        device=job.training.device,
-        micro_batch_size=job.hyperparameters.per_device_batch,
-        packing=job.hyperparameters.packing,
-        max_row_tokens=job.hyperparameters.sequence_length,
-        gradient_checkpointing=job.training.gradient_checkpointing,
-        attention=job.training.attention,
-        seed=job.hyperparameters.seed,
-        image_cache_dir=job.training.image_cache_dir,
-        # Under torchrun (`vlmtune train --nproc N` or [compute] gpu_count > 1), or in one
-        # process with [compute] fsdp / cpu_offload.
-        fsdp=job.compute.fsdp,
-        fsdp_reshard_after_forward=job.compute.sharding == "full_shard",
-        fsdp_reduce_dtype=job.compute.reduce_dtype,
-        fsdp_cpu_offload=job.compute.cpu_offload,
+def create_training_client(
+    job: JobFile, run_dir: Path, service: ServiceClientProtocol | None = None
+) -> TrainingClientProtocol:
+    """The job's engine (``EngineConfig.from_job``) behind a training client: in this
+    process (``service`` None), or on the server ``service = connect(url)`` reaches,
+    configured identically. In-process, checkpoints go under ``run_dir/checkpoints``."""
+    service = service if service is not None else connect()
+    return service.create_training_client_from_config(
+        EngineConfig.from_job(job), run_dir / "checkpoints"
     )
+
+
+# -- setup ---------------------------------------------------------------------------
+
+
+def prepare(
+    job: JobFile,
+    method: str,
+    run_dir: Path,
+    log: LogFn = print,
+    service: ServiceClientProtocol | None = None,
+) -> RunDir:
+    """What every recipe does first, whoever calls it (``vlmtune train`` or Python):
+    log what the job file resolved, apply and log the vision defaults, and write
+    ``config.toml`` (the job as it will run) into the run directory.
+
+    Applying the defaults again changes nothing (``apply_vision_defaults`` leaves a
+    job it has set up as it is), so a job may go through this more than once.
+    """
+    for line in resolved_lines(job):
+        log(line)
+    for change in vision_defaults(job, method, service):
+        log(f"vision default: {change}")
+    log(f"run directory: {run_dir}")
+    run = RunDir(run_dir)
+    run.write_config(job)
+    return run
+
+
+def vision_defaults(
+    job: JobFile, method: str, service: ServiceClientProtocol | None = None
+) -> list[SettingChange]:
+    """Apply ``apply_vision_defaults`` for the device the engine runs on. In this
+    process that is this machine's; a server's device is unknown here, so precision
+    stays as set ("auto": the engine there resolves it, as ``EngineConfig.from_job``
+    says)."""
+    import torch
+
+    from vlmtune.models.registry import get_model_spec
+
+    try:
+        supports_vision = get_model_spec(job.job.model).supports_vision
+    except (KeyError, ValueError):
+        supports_vision = True  # e.g. an adapter directory: Qwen3-VL, the only family
+    device_type: str | None = None
+    bf16_ok = False
+    if service is None or isinstance(service, ServiceClient):
+        on_gpu = job.training.device != "cpu" and torch.cuda.is_available()
+        device_type = "cuda" if on_gpu else "cpu"
+        bf16_ok = on_gpu and torch.cuda.is_bf16_supported()
+    return apply_vision_defaults(
+        job,
+        supports_vision=supports_vision,
+        device_type=device_type,
+        bf16_ok=bf16_ok,
+        method=method,
+    )
+
+
+# -- data ----------------------------------------------------------------------------
+
+
+def load_job_data(
+    job: JobFile, method: str
+) -> tuple[list[Any], ValidationReport, list[Any], ValidationReport | None]:
+    """(train rows, their report, validation rows, their report or None): the loader and
+    checks of ``vlmtune data validate --config``, with the model family's image cap."""
+    kind = METHOD_KIND[method]
+    cap = image_cap(job.job.model, job.model.max_images_per_message)
+    rows, report = load_dataset(
+        job.job.data, kind, max_images_per_message=cap, image_root=job.job.image_root
+    )
+    if not job.job.validation_data:
+        return rows, report, [], None
+    val_rows, val_report = load_dataset(
+        job.job.validation_data, kind, max_images_per_message=cap, image_root=job.job.image_root
+    )
+    return rows, report, val_rows, val_report
+
+
+def report_data(
+    run: RunDir,
+    job: JobFile,
+    train: ValidationReport,
+    validation: ValidationReport | None,
+    n_trainable: int,
+    what: str,
+    log: LogFn = print,
+) -> None:
+    """Every recipe's account of its data, once rendering has moved the rows it cannot
+    train on into the reports: ``validation_report.json`` and each report's summary in
+    the log. No trainable ``what`` (examples, pairs, prompts) left is a config error."""
+    run.write_report(train, validation)
+    log(train.summary_text())
+    if validation is not None:
+        log(validation.summary_text())
+    if not n_trainable:
+        raise ConfigError(
+            "job file",
+            [
+                f"job.data: {job.job.data}: no trainable {what} left after validation and "
+                f"rendering (why: {run.path / REPORT_FILE})"
+            ],
+        )
+
+
+def total_steps_for(n_items: int, batch_size: int, hp: HyperparametersConfig) -> int:
+    """Optimizer steps of the run: ``n_epochs`` passes of ``batch_size`` items a step,
+    at most ``max_steps``."""
+    total = hp.n_epochs * steps_per_epoch(n_items, batch_size)
+    return total if hp.max_steps is None else min(total, hp.max_steps)
+
+
+# -- checkpoints and evals -----------------------------------------------------------
+
+
+class Checkpointer:
+    """The checkpoint-and-eval step every loop takes after its optimizer step, and the
+    end of the run (the servable model, a last eval, ``summary.json``).
+
+    ``evaluate(step)`` logs and records an eval and returns its metrics; None when the
+    job has no validation data.
+    """
+
+    def __init__(
+        self,
+        tc: TrainingClientProtocol,
+        run: RunDir,
+        total_steps: int,
+        save_every: int | None,
+        eval_every: int | None,
+        evaluate: Callable[[int], dict[str, Any]] | None,
+        log: LogFn = print,
+    ) -> None:
+        self.tc, self.run, self.total_steps = tc, run, total_steps
+        self.save_every, self.eval_every = save_every, eval_every
+        self.evaluate, self.log = evaluate, log
+
+    def after_step(self, step: int) -> None:
+        """``step`` optimizer steps are done: a checkpoint every ``save_every`` steps and
+        an eval every ``eval_every``. Not after the last: ``finish`` saves and evaluates."""
+        if step >= self.total_steps:
+            return
+        if self.save_every and step % self.save_every == 0:
+            save_checkpoint(self.tc, self.run, step)
+        if self.evaluate is not None and self.eval_every and step % self.eval_every == 0:
+            self.evaluate(step)
+
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Save the servable model, evaluate it, write ``summary`` (plus ``final_dir``
+        and the eval's metrics) as ``summary.json``; return it."""
+        final_dir = save_final(self.tc, self.run)
+        summary = {**summary, "final_dir": final_dir}
+        if self.evaluate is not None:
+            summary.update(self.evaluate(self.total_steps))
+        self.run.write_summary(summary)
+        self.log(f"saved {final_dir}")
+        return summary

@@ -29,23 +29,29 @@ from typing import Any
 
 import torch
 
-from vlmtune.config import DPOConfig, JobFile, dump_toml
-from vlmtune.data import PreferenceRow, SFTRow, load_dataset
+from vlmtune.config import DPOConfig, JobFile
+from vlmtune.data import PreferenceRow, SFTRow
+from vlmtune.data.report import ValidationReport
 from vlmtune.engine import losses
 from vlmtune.evaluation import evaluate_exact_match
 from vlmtune.recipes.common import (
-    CHECKPOINT_PREFIX,
-    MetricsLog,
+    Checkpointer,
+    LogFn,
     ProgressBar,
     adam_params,
     batch_indices,
     create_training_client,
     learning_rate_at,
+    load_job_data,
+    main_process_log,
+    prepare,
+    report_data,
     resume_start_step,
-    steps_per_epoch,
+    total_steps_for,
 )
 from vlmtune.render import Renderer, datum_from_rendered
-from vlmtune.sdk import TrainingClient
+from vlmtune.render_rows import RenderLimits, render_rows
+from vlmtune.sdk import ServiceClientProtocol, TrainingClientProtocol
 from vlmtune.types import Datum
 
 Pair = tuple[Datum, Datum]  # (chosen, rejected)
@@ -58,6 +64,7 @@ def preference_loss(
     reference_chosen_P: torch.Tensor,
     reference_rejected_P: torch.Tensor,
     config: DPOConfig,
+    tie_rtol: float = losses.TIE_RTOL["fp32"],
 ) -> losses.LossOutput:
     """The loss on summed response log-probs of P pairs. Replace this to change DPO."""
     return losses.dpo_loss(
@@ -67,6 +74,7 @@ def preference_loss(
         reference_rejected_P,
         beta=config.beta,
         label_smoothing=config.label_smoothing,
+        tie_rtol=tie_rtol,
     )
 
 
@@ -79,44 +87,41 @@ def response_logps(datums: Sequence[Datum], logprobs: Sequence[torch.Tensor]) ->
     return torch.stack(sums)
 
 
-def make_loss_fn(reference_P_2: torch.Tensor, config: DPOConfig):
+def make_loss_fn(
+    reference_P_2: torch.Tensor, config: DPOConfig, tie_rtol: float = losses.TIE_RTOL["fp32"]
+):
     """A ``forward_backward_custom`` loss for datums laid out chosen, rejected, chosen, ..."""
 
     def dpo_loss_fn(datums: list[Datum], logprobs: list[torch.Tensor]) -> losses.LossOutput:
         logps_N = response_logps(datums, logprobs)
         ref = reference_P_2.to(logps_N.device)
-        return preference_loss(logps_N[0::2], logps_N[1::2], ref[:, 0], ref[:, 1], config)
+        return preference_loss(logps_N[0::2], logps_N[1::2], ref[:, 0], ref[:, 1], config, tie_rtol)
 
     return dpo_loss_fn
 
 
 def render_pairs(
-    rows: Sequence[PreferenceRow], renderer: Renderer, sequence_length: int
-) -> tuple[list[Pair], list[PreferenceRow], dict[str, Any]]:
-    """(pairs, their rows, report): a pair is dropped (and reported) if either side is
-    too long, has no response tokens, or cannot be rendered; never truncated."""
-    pairs, kept, report = [], [], {"total": len(rows), "kept": 0, "dropped": []}
-    for row in rows:
-        try:
-            sides = [renderer.render(m, "last_assistant") for m in (row.chosen, row.rejected)]
-        except ValueError as e:
-            report["dropped"].append({"line": row.line, "reason": str(e)})
-            continue
-        longest = max(r.length for r in sides)
-        if longest - 1 > sequence_length:
-            reason = f"{longest} tokens > sequence_length {sequence_length}"
-        elif not all(any(w > 0 for w in r.weights[1:]) for r in sides):
-            reason = "a side has no response tokens (final assistant turn weight 0?)"
-        else:
-            pairs.append(tuple(datum_from_rendered(r, renderer.image_token_id) for r in sides))
-            kept.append(row)
-            continue
-        report["dropped"].append({"line": row.line, "reason": reason})
-    report["kept"] = len(pairs)
-    return pairs, kept, report  # type: ignore[return-value]
+    rows: Sequence[PreferenceRow],
+    renderer: Renderer,
+    limits: RenderLimits,
+    report: ValidationReport,
+) -> tuple[list[Pair], list[PreferenceRow]]:
+    """(pairs, their rows): a pair is dropped if either side is too long, has no
+    response tokens, or cannot be rendered (never truncated), and moves from valid to
+    dropped in ``report``. The checks are ``render_row``'s, as in SFT, RL and
+    ``vlmtune data validate --config``."""
+    rendered = render_rows(rows, renderer, limits, report)
+    pairs = [
+        (
+            datum_from_rendered(r.sides[0], renderer.image_token_id),
+            datum_from_rendered(r.sides[1], renderer.image_token_id),
+        )
+        for r in rendered
+    ]
+    return pairs, [r.row for r in rendered]  # type: ignore[misc]
 
 
-def pair_logps(tc: TrainingClient, pairs: Sequence[Pair], reference: bool) -> torch.Tensor:
+def pair_logps(tc: TrainingClientProtocol, pairs: Sequence[Pair], reference: bool) -> torch.Tensor:
     """``(P, 2)`` summed response log-probs under the policy (or the reference), no grad."""
     forward = tc.forward_reference if reference else tc.forward
     out = torch.zeros(len(pairs), 2)
@@ -129,45 +134,39 @@ def pair_logps(tc: TrainingClient, pairs: Sequence[Pair], reference: bool) -> to
     return out
 
 
-def run(job: JobFile, run_dir: Path, *, resume: bool = False, log: Any = print) -> dict[str, Any]:
+def run(
+    job: JobFile,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    log: LogFn = print,
+    service: ServiceClientProtocol | None = None,
+) -> dict[str, Any]:
+    """``service``: where the engine runs (``connect(url)`` for a server; default: here)."""
     hp = job.hyperparameters
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(dump_toml(job))
+    # Under torchrun every rank runs this loop; only rank 0 logs and writes files.
+    log = main_process_log(log)
+    run = prepare(job, "dpo", run_dir, log, service)  # vision defaults, config.toml
 
     # -- data: preference rows, prompts (images included) validated equal per pair ------
-    cap = job.model.max_images_per_message
-    train_rows, train_report = load_dataset(
-        job.job.data, "preference", max_images_per_message=cap, image_root=job.job.image_root
-    )
-    log(train_report.summary_text())
-    val_rows, val_report = [], None
-    if job.job.validation_data:
-        val_rows, val_report = load_dataset(
-            job.job.validation_data,
-            "preference",
-            max_images_per_message=cap,
-            image_root=job.job.image_root,
-        )
+    train_rows, train_report, val_rows, val_report = load_job_data(job, "dpo")
 
-    tc = create_training_client(job, run_dir)
-    log(tc.engine.describe())
-    pairs, _, render_report = render_pairs(train_rows, tc.renderer, hp.sequence_length)
-    val_pairs, val_kept, _ = render_pairs(val_rows, tc.renderer, hp.sequence_length)
-    report: dict[str, Any] = {"train": {**train_report.to_dict(), "render": render_report}}
+    tc = create_training_client(job, run.path, service)
+    log(tc.describe())
+    # The checks of `vlmtune data validate --config`: drops move into the reports.
+    limits = RenderLimits.for_job(job)
+    pairs, _ = render_pairs(train_rows, tc.renderer, limits, train_report)
+    val_pairs: list[Pair] = []
+    val_kept: list[PreferenceRow] = []
     if val_report is not None:
-        report["validation"] = val_report.to_dict()
-    (run_dir / "validation_report.json").write_text(json.dumps(report, indent=2))
-    log(f"{render_report['kept']}/{render_report['total']} pairs kept")
-    if not pairs:
-        raise RuntimeError(f"{job.job.data}: no trainable pairs after validation and rendering")
+        val_pairs, val_kept = render_pairs(val_rows, tc.renderer, limits, val_report)
+    report_data(run, job, train_report, val_report, len(pairs), "pairs", log)
 
     # -- schedule, resume and the reference log-probs -----------------------------------
     batch_size = hp.per_device_batch * hp.gradient_accumulation_steps  # pairs per step
-    total_steps = hp.n_epochs * steps_per_epoch(len(pairs), batch_size)
-    if hp.max_steps is not None:
-        total_steps = min(total_steps, hp.max_steps)
-    start_step = resume_start_step(tc, run_dir, resume, log)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if resume else None)
+    total_steps = total_steps_for(len(pairs), batch_size, hp)
+    start_step = resume_start_step(tc, run.path, resume, log)
+    metrics = run.metrics(start_step if resume else None, total_steps)
 
     # Reference values are needed only for the pairs this run trains on (the batch order
     # is a pure function of the step) and the validation pairs it evaluates.
@@ -175,7 +174,7 @@ def run(job: JobFile, run_dir: Path, *, resume: bool = False, log: Any = print) 
         {i for s in range(total_steps) for i in batch_indices(s, len(pairs), batch_size, hp.seed)}
     )
     val_pairs, val_kept = val_pairs[: hp.eval_max_examples], val_kept[: hp.eval_max_examples]
-    cache = run_dir / REFERENCE_FILE
+    cache = run.path / REFERENCE_FILE
     if start_step > 0 and cache.exists():
         cached = json.loads(cache.read_text())
     else:
@@ -187,7 +186,7 @@ def run(job: JobFile, run_dir: Path, *, resume: bool = False, log: Any = print) 
             "train": dict(zip(map(str, used), train_P_2.tolist(), strict=True)),
             "validation": pair_logps(tc, val_pairs, reference=as_ref).tolist(),
         }
-        cache.write_text(json.dumps(cached))
+        run.write_json(REFERENCE_FILE, cached, indent=None)
         n = len(used) + len(val_pairs)
         log(f"reference log-probs of {n} pairs in {time.perf_counter() - t0:.1f}s")
     ref_P_2 = torch.full((len(pairs), 2), float("nan"))  # NaN: a pair this run never uses
@@ -195,12 +194,20 @@ def run(job: JobFile, run_dir: Path, *, resume: bool = False, log: Any = print) 
         ref_P_2[int(i)] = torch.tensor(value)
     val_ref_P_2 = torch.tensor(cached["validation"]).view(-1, 2)
     log(f"training {len(pairs)} pairs, {total_steps} steps of {batch_size} pairs")
+    # how far apart float noise puts a margin that is really 0 (reward_accuracy's ties)
+    # (the engine's dtype: precision "auto" resolves to bf16 on a GPU that has it)
+    tie_rtol = losses.TIE_RTOL["bf16" if tc.get_info().get("dtype") == "bfloat16" else "fp32"]
 
     def evaluate(step: int) -> dict[str, Any]:
         """Held-out DPO metrics, and greedy exact match against the chosen answer."""
         policy_P_2 = pair_logps(tc, val_pairs, reference=False)
         _, m = preference_loss(
-            policy_P_2[:, 0], policy_P_2[:, 1], val_ref_P_2[:, 0], val_ref_P_2[:, 1], job.dpo
+            policy_P_2[:, 0],
+            policy_P_2[:, 1],
+            val_ref_P_2[:, 0],
+            val_ref_P_2[:, 1],
+            job.dpo,
+            tie_rtol,
         )
         record: dict[str, Any] = {"step": step, **{f"eval/{k}": v for k, v in m.items()}}
         sft_rows = [SFTRow(r.line, r.chosen, r.metadata) for r in val_kept]
@@ -215,6 +222,10 @@ def run(job: JobFile, run_dir: Path, *, resume: bool = False, log: Any = print) 
         )
         return record
 
+    every = Checkpointer(
+        tc, run, total_steps, hp.save_every, hp.eval_every, evaluate if val_pairs else None, log
+    )
+
     # -- the loop -------------------------------------------------------------------
     last: dict[str, float] = {}
     with ProgressBar(total_steps, start_step, "dpo") as bar:
@@ -226,7 +237,7 @@ def run(job: JobFile, run_dir: Path, *, resume: bool = False, log: Any = print) 
                 step, total_steps, hp.learning_rate, hp.warmup_ratio, hp.lr_scheduler
             )
             fb_future = tc.forward_backward_custom(
-                data, make_loss_fn(ref_P_2[idx], job.dpo), logprobs_where="weights"
+                data, make_loss_fn(ref_P_2[idx], job.dpo, tie_rtol), logprobs_where="weights"
             )
             opt_future = tc.optim_step(adam_params(hp, lr))
             fb, opt = fb_future.result(), opt_future.result()
@@ -243,22 +254,9 @@ def run(job: JobFile, run_dir: Path, *, resume: bool = False, log: Any = print) 
                 }
             )
             bar.update(step + 1, fb.metrics["loss:sum"], len(data) / elapsed)
-            if hp.save_every and (step + 1) % hp.save_every == 0 and step + 1 < total_steps:
-                tc.save_state(f"{CHECKPOINT_PREFIX}{step + 1}", extra={"step": step + 1}).result()
-            at_eval = hp.eval_every and (step + 1) % hp.eval_every == 0
-            if val_pairs and at_eval and step + 1 < total_steps:
-                evaluate(step + 1)
+            every.after_step(step + 1)  # checkpoint, eval
 
-    # -- the servable model -------------------------------------------------------------
-    final_dir = Path(tc.save_weights_for_sampler(str(run_dir / "final")).result().path)
-    summary: dict[str, Any] = {
-        "steps": total_steps,
-        "pairs": len(pairs),
-        **{f"final_{k}": v for k, v in last.items()},
-        "final_dir": str(final_dir),
-    }
-    if val_pairs:
-        summary.update(evaluate(total_steps))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    log(f"saved {final_dir}")
-    return summary
+    # -- the servable model, its eval, summary.json -----------------------------------
+    return every.finish(
+        {"steps": total_steps, "pairs": len(pairs), **{f"final_{k}": v for k, v in last.items()}}
+    )

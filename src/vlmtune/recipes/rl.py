@@ -24,28 +24,34 @@ the base for full fine-tuning) on the same datums.
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vlmtune.config import ConfigError, JobFile, RLConfig, dump_toml
-from vlmtune.data import Message, RLRow, SFTRow, TextPart, load_dataset
+from vlmtune.config import ConfigError, JobFile, RLConfig
+from vlmtune.data import Message, RLRow, SFTRow, TextPart
 from vlmtune.engine import losses
 from vlmtune.evaluation import evaluate_exact_match
 from vlmtune.recipes.common import (
-    CHECKPOINT_PREFIX,
-    MetricsLog,
+    Checkpointer,
+    LogFn,
     ProgressBar,
     adam_params,
     batch_indices,
     create_training_client,
     learning_rate_at,
+    load_job_data,
+    main_process_log,
+    prepare,
+    report_data,
     resume_start_step,
-    steps_per_epoch,
+    total_steps_for,
 )
+from vlmtune.recipes.skipped_groups import SKIP_WARNING_WINDOW, SkippedGroups
+from vlmtune.render_rows import RenderLimits, render_rows
 from vlmtune.rewards import (
     RewardError,
     canonical_spec,
@@ -54,6 +60,7 @@ from vlmtune.rewards import (
     safe_reward,
     score_group,
 )
+from vlmtune.sdk import ServiceClientProtocol
 from vlmtune.types import (
     Datum,
     EncodedTextChunk,
@@ -105,11 +112,14 @@ def completion_mask(datum: Datum, n_completion: int) -> Datum:
     )
 
 
-def make_kl_loss_fn(ref_logprobs: list[torch.Tensor], n_tokens: int, rl: RLConfig):
+def make_kl_loss_fn(
+    ref_logprobs: list[torch.Tensor], n_tokens: int, rl: RLConfig
+) -> Callable[[list[Datum], list[torch.Tensor]], losses.LossOutput]:
     """Policy-gradient loss + ``kl_coef`` * per-token mean k3 KL to the reference."""
 
     def loss_fn(datums: list[Datum], logprobs: list[torch.Tensor]) -> losses.LossOutput:
-        pg_total = kl_total = 0.0
+        pg_total: torch.Tensor | float = 0.0
+        kl_total: torch.Tensor | float = 0.0
         for d, lp_T, ref_T in zip(datums, logprobs, ref_logprobs, strict=True):
             adv_T = d.loss_fn_inputs["advantages"].to_torch().to(lp_T.device)
             mask_T = adv_T != 0  # the completion (advantages were scaled, never exactly 0)
@@ -123,7 +133,8 @@ def make_kl_loss_fn(ref_logprobs: list[torch.Tensor], n_tokens: int, rl: RLConfi
             pg_total = pg_total + pg
             kl_total = kl_total + losses.kl_penalty_k3(lp_N, ref_N).sum() / n_tokens
         loss = pg_total + rl.kl_coef * kl_total
-        return loss, {"kl": float(kl_total.detach()), "pg_loss": float(pg_total.detach())}
+        assert isinstance(loss, torch.Tensor)  # a step trains at least one completion
+        return loss, {"kl": float(kl_total), "pg_loss": float(pg_total)}
 
     return loss_fn
 
@@ -133,11 +144,14 @@ def run(
     run_dir: Path,
     *,
     resume: bool = False,
-    log: Any = print,
+    log: LogFn = print,
     config_dir: str | Path = ".",
+    service: ServiceClientProtocol | None = None,
 ) -> dict[str, Any]:
-    """``config_dir``: where a relative ``rl.reward`` file path resolves (the TOML's folder)."""
+    """``config_dir``: where a relative ``rl.reward`` file path resolves (the TOML's folder).
+    ``service``: where the engine runs (``connect(url)`` for a server; default: here)."""
     hp, rl = job.hyperparameters, job.rl
+    log = main_process_log(log)  # under torchrun only rank 0 logs (and writes files)
     # A reward that cannot be resolved is a config error, found before any work.
     try:
         reward_fn = resolve_reward(rl.reward, regex=rl.reward_regex, base_dir=config_dir)
@@ -146,58 +160,37 @@ def run(
     rl.reward = canonical_spec(rl.reward, config_dir)  # the saved config stays runnable
     if rl.temperature == 0:
         log("rl.temperature = 0: greedy groups are identical and will all be skipped")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(dump_toml(job))
+    run = prepare(job, "rl", run_dir, log, service)  # vision defaults, config.toml
 
     # -- data: prompts ending in a user turn, images included, metadata for the reward --
-    cap = job.model.max_images_per_message
-    rows, train_report = load_dataset(
-        job.job.data, "rl", max_images_per_message=cap, image_root=job.job.image_root
-    )
-    log(train_report.summary_text())
-    val_rows: list[RLRow] = []
-    val_report = None
-    if job.job.validation_data:
-        val_rows, val_report = load_dataset(
-            job.job.validation_data, "rl", max_images_per_message=cap, image_root=job.job.image_root
-        )
+    rows, train_report, val_rows, val_report = load_job_data(job, "rl")
 
-    tc = create_training_client(job, run_dir)
-    log(tc.engine.describe())
+    tc = create_training_client(job, run.path, service)
+    log(tc.describe())
     renderer = tc.renderer
-    prompts, kept, dropped = [], [], []
-    for row in rows:
-        try:
-            rendered = renderer.render_prompt(row.messages)
-        except ValueError as e:  # e.g. an image aspect ratio the processor refuses
-            dropped.append({"line": row.line, "reason": str(e)})
-            continue
-        if rendered.length + rl.max_tokens - 1 > hp.sequence_length:
-            reason = f"prompt {rendered.length} + max_tokens > sequence_length"
-            dropped.append({"line": row.line, "reason": reason})
-            continue
-        prompts.append(
-            (rendered.model_input, rendered.model_input.to_ints(renderer.image_token_id))
-        )
-        kept.append(row)
-    report: dict[str, Any] = {"train": {**train_report.to_dict(), "render_dropped": dropped}}
+    # The checks of `vlmtune data validate --config` (prompt + max_tokens must fit, ...):
+    # drops move into the reports.
+    limits = RenderLimits.for_job(job)
+    rendered = render_rows(rows, renderer, limits, train_report)
+    prompts = [
+        (r.sides[0].model_input, r.sides[0].model_input.to_ints(renderer.image_token_id))
+        for r in rendered
+    ]
+    kept: list[RLRow] = [r.row for r in rendered]  # type: ignore[misc]
     if val_report is not None:
-        report["validation"] = val_report.to_dict()
-    (run_dir / "validation_report.json").write_text(json.dumps(report, indent=2))
-    if not prompts:
-        raise RuntimeError(f"{job.job.data}: no usable prompts after validation and rendering")
+        val_rows = [r.row for r in render_rows(val_rows, renderer, limits, val_report)]
+    report_data(run, job, train_report, val_report, len(prompts), "prompts", log)
 
     # -- schedule -------------------------------------------------------------------
-    total_steps = hp.n_epochs * steps_per_epoch(len(prompts), rl.prompts_per_step)
-    if hp.max_steps is not None:
-        total_steps = min(total_steps, hp.max_steps)
-    start_step = resume_start_step(tc, run_dir, resume, log)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if resume else None)
+    total_steps = total_steps_for(len(prompts), rl.prompts_per_step, hp)
+    start_step = resume_start_step(tc, run.path, resume, log)
+    metrics = run.metrics(start_step if resume else None, total_steps)
     log(
         f"RL on {len(prompts)} prompts: {total_steps} steps of {rl.prompts_per_step} prompts "
         f"x {rl.group_size} samples, reward {rl.reward}, loss {rl.loss}"
     )
     total_errors = 0
+    skipped_groups = SkippedGroups(min(SKIP_WARNING_WINDOW, max(1, total_steps - start_step)))
 
     def evaluate(step: int) -> dict[str, Any]:
         """Greedy decoding of held-out prompts: exact match vs metadata.answer, mean reward."""
@@ -228,6 +221,10 @@ def run(
         )
         return record
 
+    every = Checkpointer(
+        tc, run, total_steps, hp.save_every, hp.eval_every, evaluate if val_rows else None, log
+    )
+
     # -- the loop -------------------------------------------------------------------
     last: dict[str, Any] = {}
     with ProgressBar(total_steps, start_step, "rl", label="reward") as bar:
@@ -254,7 +251,7 @@ def run(
             trained: list[tuple[int, SampledSequence, float]] = []
             rewards: list[float] = []
             errors: list[str] = []
-            n_skipped = 0
+            skipped_rewards: list[float] = []  # the common reward of each skipped group
             for i, response in zip(idx, responses, strict=True):
                 row = kept[i]
                 texts = [renderer.decode(s.tokens) for s in response.sequences]
@@ -264,19 +261,22 @@ def run(
                 rewards += rewards_G
                 errors += [f"line {row.line}: {e}" for e in errors_G]
                 advantages_G = advantages_or_skip(rewards_G, rl.normalize_advantages)
-                if advantages_G is None:
-                    n_skipped += 1  # all rewards equal: zero advantage, nothing to learn
+                if advantages_G is None:  # all rewards equal: zero advantage, nothing to learn
+                    skipped_rewards.append(rewards_G[0])
                     continue
                 for seq, a in zip(response.sequences, advantages_G, strict=True):
                     if a != 0:  # e.g. the middle one of rewards [0, 0.5, 1]: no signal
                         trained.append((i, seq, a))
-            for e in errors[:MAX_LOGGED_ERRORS_PER_STEP]:
-                log(f"step {step + 1}: reward error (scored 0) on {e}")
+            for error in errors[:MAX_LOGGED_ERRORS_PER_STEP]:
+                log(f"step {step + 1}: reward error (scored 0) on {error}")
             if len(errors) > MAX_LOGGED_ERRORS_PER_STEP:
                 log(
                     f"step {step + 1}: {len(errors) - MAX_LOGGED_ERRORS_PER_STEP} more reward errors"
                 )
             total_errors += len(errors)
+            warning = skipped_groups.add(skipped_rewards, len(idx), rl)
+            if warning:
+                log(f"step {step + 1}: {warning}")
 
             # -- the update: a per-token mean over the step's trained completion tokens ----
             n_tokens = sum(len(seq.tokens) for _, seq, _ in trained)
@@ -315,7 +315,7 @@ def run(
                 "loss": fb_metrics.get("loss:sum", 0.0),
                 "reward_mean": sum(rewards) / len(rewards),
                 "reward_max": max(rewards),
-                "frac_groups_skipped": n_skipped / len(idx),
+                "frac_groups_skipped": len(skipped_rewards) / len(idx),
                 "completion_len_mean": n_sampled / len(seqs),
                 "frac_truncated": sum(s.stop_reason == "length" for s in seqs) / len(seqs),
                 "sampler_logprob_mean": sum(sum(s.logprobs or []) for s in seqs)
@@ -330,23 +330,14 @@ def run(
             }
             metrics.write(last)
             bar.update(step + 1, last["reward_mean"], len(seqs) / last["step_s"])
-            if hp.save_every and (step + 1) % hp.save_every == 0 and step + 1 < total_steps:
-                tc.save_state(f"{CHECKPOINT_PREFIX}{step + 1}", extra={"step": step + 1}).result()
-            at_eval = hp.eval_every and (step + 1) % hp.eval_every == 0
-            if val_rows and at_eval and step + 1 < total_steps:
-                evaluate(step + 1)
+            every.after_step(step + 1)  # checkpoint, eval
 
-    # -- the servable model -------------------------------------------------------------
-    final_dir = Path(tc.save_weights_for_sampler(str(run_dir / "final")).result().path)
-    summary: dict[str, Any] = {
-        "steps": total_steps,
-        "prompts": len(prompts),
-        "final_reward_mean": last.get("reward_mean"),
-        "reward_errors": total_errors,
-        "final_dir": str(final_dir),
-    }
-    if val_rows:
-        summary.update(evaluate(total_steps))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    log(f"saved {final_dir}")
-    return summary
+    # -- the servable model, its eval, summary.json -----------------------------------
+    return every.finish(
+        {
+            "steps": total_steps,
+            "prompts": len(prompts),
+            "final_reward_mean": last.get("reward_mean"),
+            "reward_errors": total_errors,
+        }
+    )

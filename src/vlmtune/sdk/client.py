@@ -1,22 +1,25 @@
 """``ServiceClient`` / ``TrainingClient`` / ``SamplingClient``: the primitives as futures.
 
-With no ``base_url`` the clients run the engine in this process (no server, no
-copies). The method names and argument shapes follow the hosted training SDKs
-(Tinker), so loops written for one run on the other.
+These clients run the engine in this process (no server, no copies); ``sdk/http.py``
+has the same clients over HTTP, and ``sdk/protocol.py`` the interface both implement.
+``connect(base_url=None)`` picks one. The method names and argument shapes follow the
+hosted training SDKs (Tinker), so loops written for one run on the other.
 """
 
 from __future__ import annotations
 
 import uuid
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from vlmtune.data import parse_messages
-from vlmtune.data.schema import Message
+from vlmtune.data.schema import Message, RowKind
 from vlmtune.engine.engine import CustomLossFn, EngineConfig, TrainingEngine
-from vlmtune.render import datum_from_rendered
+from vlmtune.render import Renderer, datum_from_rendered
 from vlmtune.sdk.futures import APIFuture, OrderedExecutor
+from vlmtune.sdk.protocol import ServiceClientProtocol
 from vlmtune.types import (
     AdamParams,
     Datum,
@@ -27,18 +30,45 @@ from vlmtune.types import (
     SamplingParams,
     SaveWeightsResponse,
     TensorData,
+    lora_rank_of,
+    mode_for,
 )
 
 
 def to_messages(messages: Sequence[Message | dict[str, Any]]) -> list[Message]:
     """Accept OpenAI-style dicts as well as parsed ``Message``s."""
-    if all(isinstance(m, Message) for m in messages):
-        return list(messages)  # type: ignore[arg-type]
-    if not all(isinstance(m, dict) for m in messages):
+    parsed = [m for m in messages if isinstance(m, Message)]
+    if len(parsed) == len(messages):
+        return parsed
+    raw = [m for m in messages if isinstance(m, dict)]
+    if len(raw) != len(messages):
         raise TypeError("pass either Message objects or message dicts, not a mix")
-    raw = list(messages)
-    kind = "rl" if raw and raw[-1].get("role") == "user" else "sft"
+    kind: RowKind = "rl" if raw and raw[-1].get("role") == "user" else "sft"
+    # No cap here: the renderer applies the engine's, and counts what it drops.
     return parse_messages(raw, kind=kind, max_images_per_message=None)
+
+
+class ImagesDroppedWarning(UserWarning):
+    """A conversation had images the model will not see (over the cap, or in a system turn)."""
+
+
+def datum_from_conversation(
+    renderer: Any, messages: Sequence[Message | dict[str, Any]], train_on: str
+) -> Datum:
+    """``datum_from_messages`` for either client: render, warn about dropped images, and
+    count them on the datum (``Datum.images_dropped``, not sent over the wire)."""
+    rendered = renderer.render(to_messages(messages), train_on=train_on)
+    if rendered.images_dropped:
+        cap = renderer.max_images_per_message
+        limit = "any number of" if cap is None else f"at most {cap}"
+        warnings.warn(
+            f"datum_from_messages: {rendered.images_dropped} image(s) dropped: the model is "
+            f"shown {limit} image(s) per user message (max_images_per_message; 0: no cap) "
+            "and none in system or assistant turns",
+            ImagesDroppedWarning,
+            stacklevel=3,
+        )
+    return datum_from_rendered(rendered, renderer.image_token_id)
 
 
 class SamplingClient:
@@ -86,7 +116,7 @@ class SamplingClient:
         return self._executor.submit(run)
 
     @property
-    def renderer(self) -> Any:
+    def renderer(self) -> Renderer:
         return self._engine.renderer
 
     def get_tokenizer(self) -> Any:
@@ -166,23 +196,37 @@ class TrainingClient:
     def datum_from_messages(
         self, messages: Sequence[Message | dict[str, Any]], train_on: str = "all_assistant"
     ) -> Datum:
-        """A next-token datum from a conversation (OpenAI-style dicts or ``Message``s)."""
-        msgs = to_messages(messages)
-        rendered = self.engine.renderer.render(msgs, train_on=train_on)
-        return datum_from_rendered(rendered, self.engine.image_token_id)
+        """A next-token datum from a conversation (OpenAI-style dicts or ``Message``s).
+
+        Images the model is not shown (beyond ``max_images_per_message`` in a message,
+        or in a system turn) are dropped with an ``ImagesDroppedWarning`` and counted in
+        the datum's ``images_dropped``.
+        """
+        return datum_from_conversation(self.engine.renderer, messages, train_on)
 
     @property
-    def renderer(self) -> Any:
+    def renderer(self) -> Renderer:
         return self.engine.renderer
 
     def get_tokenizer(self) -> Any:
         return self.engine.processor.tokenizer
 
+    def describe(self) -> str:
+        return self.engine.describe()
+
+    def prefetch_images(self, datums: Sequence[Datum], workers: int | None = None) -> str:
+        """Decode and preprocess every image of ``datums`` into the engine's caches now
+        (worker processes when that pays; ``workers=0``: in this process), so the
+        training loop never decodes. Returns the one-line summary."""
+        from vlmtune.engine.prefetch import prefetch_images
+
+        return prefetch_images(list(datums), self.engine.image_preprocessor, workers).summary()
+
     def get_info(self) -> dict[str, Any]:
         return {
             "base_model": self.engine.config.base_model,
             "mode": self.engine.config.mode,
-            "lora_rank": self.engine.config.lora_rank if self.engine.config.mode != "full" else 0,
+            "lora_rank": lora_rank_of(self.engine.config.mode, self.engine.config.lora_rank),
             "step": self.engine.step,
             "device": str(self.engine.device),
             "dtype": str(self.engine.dtype).removeprefix("torch."),
@@ -196,14 +240,16 @@ class TrainingClient:
 
 
 class ServiceClient:
-    """Entry point. ``ServiceClient()`` runs in-process; ``base_url`` selects a server."""
+    """Creates in-process clients. Prefer ``connect()``, which also reaches a server.
+
+    ``ServiceClient(base_url=...)`` still returns the HTTP service client (as
+    ``tinker.ServiceClient(base_url=...)`` does, so ported scripts keep working): it is
+    ``connect(base_url, ...)``, and this is the only place that switch is made.
+    """
 
     def __new__(cls, base_url: str | None = None, api_key: str | None = None, **kwargs: Any) -> Any:
-        # With a URL, hand back the HTTP-backed client: the same methods, run by a server.
         if base_url is not None:
-            from vlmtune.sdk.http import HttpServiceClient
-
-            return HttpServiceClient(base_url, api_key, **kwargs)
+            return connect(base_url, api_key, **kwargs)
         return super().__new__(cls)
 
     def __init__(
@@ -230,7 +276,8 @@ class ServiceClient:
         ``training_shape_ref`` names a training shape (``vlmtune shapes``): it sets the
         model (when ``base_model`` is None), context, precision, checkpointing and
         sharding; passing one of those settings as well is an error. Under torchrun
-        the engine shards itself over the ranks.
+        the engine shards itself over the ranks. ``max_images_per_message``: unset, the
+        model family's cap (Qwen3-VL: 1); 0, no cap (``vlmtune.defaults.image_cap``).
         """
         if training_shape_ref is not None:
             base_model, engine_kwargs = _apply_training_shape(
@@ -239,9 +286,17 @@ class ServiceClient:
         if base_model is None:
             raise TypeError("create_training_client() needs base_model or training_shape_ref")
         kwargs = {**self.engine_defaults, **engine_kwargs}
-        mode = kwargs.pop("mode", "full" if lora_rank == 0 else "lora")
+        mode = kwargs.pop("mode", None) or mode_for(lora_rank)
         checkpoint_dir = kwargs.pop("checkpoint_dir", None)
         config = EngineConfig(base_model=base_model, mode=mode, lora_rank=lora_rank or 16, **kwargs)
+        return self.create_training_client_from_config(config, checkpoint_dir)
+
+    def create_training_client_from_config(
+        self, config: EngineConfig, checkpoint_dir: str | Path | None = None
+    ) -> TrainingClient:
+        """A client for exactly ``config`` (this service's defaults do not apply);
+        ``checkpoint_dir``: where bare ``save_state`` names go (default: a fresh
+        ``run-*`` folder under ``checkpoint_root``)."""
         run_root = Path(checkpoint_dir or self.checkpoint_root / f"run-{uuid.uuid4().hex[:8]}")
         return TrainingClient(TrainingEngine(config), run_root)
 
@@ -251,11 +306,32 @@ class ServiceClient:
         return self.create_training_client(base_model, lora_rank=rank, **engine_kwargs)
 
     def create_sampling_client(self, base_model: str, **engine_kwargs: Any) -> SamplingClient:
-        """Sample from a base model or a saved model directory (no optimizer state)."""
+        """Sample from a base model or a saved model directory (no optimizer state).
+
+        The image cap is the training client's: the family's unless
+        ``max_images_per_message`` is given (0: no cap).
+        """
         kwargs = {**self.engine_defaults, **engine_kwargs}
         kwargs.setdefault("mode", "full")
         engine = TrainingEngine(EngineConfig(base_model=base_model, **kwargs))
         return SamplingClient(engine, OrderedExecutor("vlmtune-sample"))
+
+
+def connect(
+    base_url: str | None = None, api_key: str | None = None, **engine_defaults: Any
+) -> ServiceClientProtocol:
+    """The entry point: clients of an in-process engine (no ``base_url``), or of the
+    ``vlmtune serve`` at ``base_url`` (key: ``api_key``, else ``$VLMTUNE_API_KEY`` or
+    ``$TINKER_API_KEY``). Both implement ``ServiceClientProtocol``, so code written
+    against one runs on the other. ``engine_defaults`` apply to every client created
+    (in-process also ``checkpoint_root``; a server picks its own device and disk)."""
+    if base_url is None:
+        if api_key is not None:
+            raise ValueError("connect(): api_key is for a server; pass its base_url as well")
+        return ServiceClient(**engine_defaults)
+    from vlmtune.sdk.http_service import HttpServiceClient
+
+    return HttpServiceClient(base_url, api_key, **engine_defaults)
 
 
 def _apply_training_shape(

@@ -1,4 +1,4 @@
-"""The SDK over HTTP (``ServiceClient(base_url=...)``): the in-process interface, remote.
+"""The SDK over HTTP (``connect(base_url)``): the in-process clients' protocol, remote.
 
 Training calls on a client are posted in call order by one submitter thread (a POST
 returns once the server has validated and queued it); results are long-polled from a
@@ -8,20 +8,35 @@ is built locally from the same model files and pixel limits as the server's engi
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures
 import functools
-import itertools
 import os
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
 from vlmtune import types as vt
+from vlmtune.data.schema import Message
+from vlmtune.protocol.bodies import forward_backward_body
+from vlmtune.protocol.wire import (
+    WireModelInput,
+    forward_backward_from_json,
+    sample_from_json,
+)
+from vlmtune.sdk.client import datum_from_conversation
 from vlmtune.sdk.futures import APIFuture
+from vlmtune.sdk.protocol import CustomLoss
+
+if TYPE_CHECKING:
+    import torch
+
+    from vlmtune.render import Renderer
+
+R = TypeVar("R")
 
 _POLL = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="vlmtune-http")
 
@@ -33,6 +48,20 @@ class RemoteError(RuntimeError):
         super().__init__(f"{status}: {message}")
         self.status = status
         self.message = message
+
+
+@dataclass
+class _CustomResult:
+    """What ``forward_backward_custom``'s loss gave, kept for its response."""
+
+    loss: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _grad(lp: torch.Tensor) -> torch.Tensor:
+    """``dloss/dlp``: zeros where the loss never read ``lp`` (autograd leaves it None),
+    as in-process, where such a datum just gets no gradient."""
+    return lp.grad if lp.grad is not None else lp.new_zeros(lp.shape)
 
 
 class HttpTransport:
@@ -79,36 +108,8 @@ class HttpTransport:
         return self.wait(self.post(path, body)["request_id"])
 
 
-# ---- wire encoding -------------------------------------------------------------------
-def model_input_json(mi: vt.ModelInput) -> dict[str, Any]:
-    chunks = []
-    for c in mi.chunks:
-        if isinstance(c, vt.EncodedTextChunk):
-            chunks.append({"type": "encoded_text", "tokens": list(c.tokens)})
-        else:
-            chunks.append({"type": "image", "data": base64.b64encode(c.data).decode(),
-                           "format": c.format, "expected_tokens": c.expected_tokens})  # fmt: skip
-    return {"chunks": chunks}
-
-
-def datum_json(d: vt.Datum) -> dict[str, Any]:
-    inputs = {k: {"data": list(v.data), "dtype": v.dtype} for k, v in d.loss_fn_inputs.items()}
-    return {"model_input": model_input_json(d.model_input), "loss_fn_inputs": inputs}
-
-
-def _fwdbwd(out: dict[str, Any]) -> vt.ForwardBackwardOutput:
-    outputs = [{k: vt.TensorData(**v) for k, v in o.items()} for o in out["loss_fn_outputs"]]
-    return vt.ForwardBackwardOutput(loss_fn_outputs=outputs, metrics=out.get("metrics", {}))
-
-
-def _sample(out: dict[str, Any]) -> vt.SampleResponse:
-    seqs = [vt.SampledSequence(tokens=s["tokens"], logprobs=s.get("logprobs"), stop_reason=s["stop_reason"])
-            for s in out["sequences"]]  # fmt: skip
-    return vt.SampleResponse(sequences=seqs, prompt_logprobs=out.get("prompt_logprobs"))
-
-
 @functools.lru_cache(maxsize=8)
-def local_renderer(base_model: str, min_pixels: int, max_pixels: int, cap: int | None) -> Any:
+def local_renderer(base_model: str, min_pixels: int, max_pixels: int, cap: int | None) -> Renderer:
     """The renderer the server's engine uses, built here from the same model files."""
     from vlmtune.models.loading import load_processor, resolve_model_path
     from vlmtune.models.vision import ImagePreprocessor
@@ -123,7 +124,7 @@ class _RendererMixin:
     _info: dict[str, Any]
 
     @property
-    def renderer(self) -> Any:
+    def renderer(self) -> Renderer:
         v = self._info["vlmtune"]
         return local_renderer(
             self._info["model_name"], v["min_pixels"], v["max_pixels"], v["max_images_per_message"]
@@ -143,7 +144,8 @@ class HttpSamplingClient(_RendererMixin):
         self, prompt: vt.ModelInput, n: int, params: vt.SamplingParams, **extra: Any
     ) -> dict[str, Any]:
         return {"sampling_session_id": self.sampling_session_id, "num_samples": n,
-                "prompt": model_input_json(prompt), "sampling_params": params.model_dump(), **extra}  # fmt: skip
+                "prompt": WireModelInput.of(prompt).model_dump(exclude_none=True),
+                "sampling_params": params.model_dump(), **extra}  # fmt: skip
 
     def sample(
         self,
@@ -152,7 +154,9 @@ class HttpSamplingClient(_RendererMixin):
         sampling_params: vt.SamplingParams | None = None,
     ) -> APIFuture[vt.SampleResponse]:
         body = self._body(prompt, num_samples, sampling_params or vt.SamplingParams())
-        return APIFuture(_POLL.submit(lambda: _sample(self.t.call("/api/v1/asample", body))))
+        return APIFuture(
+            _POLL.submit(lambda: sample_from_json(self.t.call("/api/v1/asample", body)))
+        )
 
     def sample_many(
         self,
@@ -178,9 +182,11 @@ class HttpTrainingClient(_RendererMixin):
         # One thread posts this client's requests, so they reach the server in call order.
         self._submitter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vlmtune")
 
-    def _submit(self, post: Callable[[], str], parse: Callable[[dict], Any]) -> APIFuture:
+    def _submit(
+        self, post: Callable[[], str], parse: Callable[[dict[str, Any]], R]
+    ) -> APIFuture[R]:
         """``post`` (on the submitter thread) returns a request id; a poller parses the result."""
-        outer: concurrent.futures.Future = concurrent.futures.Future()
+        outer: concurrent.futures.Future[R] = concurrent.futures.Future()
 
         def fetch(rid: str) -> None:
             try:
@@ -200,14 +206,18 @@ class HttpTrainingClient(_RendererMixin):
     def _post(self, path: str, body: dict[str, Any]) -> str:
         return self.t.post(path, {"model_id": self.model_id, **body})["request_id"]
 
-    def _call(self, path: str, body: Callable[[], dict], parse: Callable[[dict], Any]) -> APIFuture:
+    def _call(
+        self,
+        path: str,
+        body: Callable[[], dict[str, Any]],
+        parse: Callable[[dict[str, Any]], R],
+    ) -> APIFuture[R]:
         return self._submit(lambda: self._post(path, body()), parse)
 
     def _fb(
         self, data: Sequence[vt.Datum], loss_fn: str, config: dict | None, forward_only: bool
     ) -> str:
-        body = {"forward_only": forward_only, "forward_backward_input": {
-            "data": [datum_json(d) for d in data], "loss_fn": loss_fn, "loss_fn_config": config}}  # fmt: skip
+        body = forward_backward_body(data, loss_fn, config, forward_only)
         return self._post("/api/v1/forward_backward", body)
 
     def forward(
@@ -217,7 +227,9 @@ class HttpTrainingClient(_RendererMixin):
         loss_fn_config: dict | None = None,
     ) -> APIFuture[vt.ForwardBackwardOutput]:
         data = list(data)
-        return self._submit(lambda: self._fb(data, loss_fn, loss_fn_config, True), _fwdbwd)
+        return self._submit(
+            lambda: self._fb(data, loss_fn, loss_fn_config, True), forward_backward_from_json
+        )
 
     def forward_backward(
         self,
@@ -226,10 +238,23 @@ class HttpTrainingClient(_RendererMixin):
         loss_fn_config: dict | None = None,
     ) -> APIFuture[vt.ForwardBackwardOutput]:
         data = list(data)
-        return self._submit(lambda: self._fb(data, loss_fn, loss_fn_config, False), _fwdbwd)
+        return self._submit(
+            lambda: self._fb(data, loss_fn, loss_fn_config, False), forward_backward_from_json
+        )
+
+    def forward_reference(
+        self,
+        data: Sequence[vt.Datum],
+        loss_fn: str = "cross_entropy",
+        loss_fn_config: dict | None = None,
+    ) -> APIFuture[vt.ForwardBackwardOutput]:
+        """``forward`` under the base model, on the server (a vlmtune route): the values
+        the in-process ``forward_reference`` gives, at the positions its loss reads."""
+        body = forward_backward_body(data, loss_fn, loss_fn_config)
+        return self._call("/api/v1/forward_reference", lambda: body, forward_backward_from_json)
 
     def forward_backward_custom(
-        self, data: Sequence[vt.Datum], loss_fn: Callable, *, logprobs_where: str | None = None
+        self, data: Sequence[vt.Datum], loss_fn: CustomLoss, *, logprobs_where: str | None = None
     ) -> APIFuture[vt.ForwardBackwardOutput]:
         """Tinker's method: a forward for logprobs, the loss with autograd here, then a
         forward_backward whose weights are ``-dloss/dlogprobs`` (a linear surrogate with
@@ -237,35 +262,41 @@ class HttpTrainingClient(_RendererMixin):
         ``logprobs_where``: as in-process, logprobs are 0 where that input is 0."""
         import torch
 
-        data, custom = list(data), {}
+        data, custom = list(data), _CustomResult()
         if logprobs_where is not None:
             from vlmtune.engine.dispatch import check_input_present
 
             check_input_present(data, logprobs_where)
 
         def post() -> str:
+            # Tinker's forward gives logprobs at every position whatever the weights; ones
+            # keep it valid for data that has none (RL's: advantages and logprobs).
             keep = [vt.Datum(model_input=d.model_input, loss_fn_inputs={
-                k: v for k, v in d.loss_fn_inputs.items() if k in ("target_tokens", "weights")}) for d in data]  # fmt: skip
-            fwd = self.t.wait(self._fb(keep, "cross_entropy", None, True))
-            lps = [torch.tensor(o["logprobs"]["data"]) for o in fwd["loss_fn_outputs"]]
+                "target_tokens": d.loss_fn_inputs["target_tokens"],
+                "weights": vt.TensorData(data=[1.0] * len(d.loss_fn_inputs["target_tokens"].data),
+                                         dtype="float32")}) for d in data]  # fmt: skip
+            fwd = forward_backward_from_json(
+                self.t.wait(self._fb(keep, "cross_entropy", None, True))
+            )
+            lps = [torch.tensor(o["logprobs"].data) for o in fwd.loss_fn_outputs]
             if logprobs_where is not None:  # the same values the in-process engine gives
                 lps = [lp * (d.loss_fn_inputs[logprobs_where].to_torch() != 0)
                        for lp, d in zip(lps, data, strict=True)]  # fmt: skip
             lps = [lp.requires_grad_() for lp in lps]
-            loss, custom["metrics"] = loss_fn(data, lps)
+            loss, custom.metrics = loss_fn(data, lps)
             loss.backward()
-            custom["loss"] = float(loss.detach())
+            custom.loss = float(loss.detach())
             linear = [vt.Datum(model_input=d.model_input, loss_fn_inputs={
                 "target_tokens": d.loss_fn_inputs["target_tokens"],
-                "weights": vt.TensorData(data=(-lp.grad).tolist(), dtype="float32")})
+                "weights": vt.TensorData(data=(-_grad(lp)).tolist(), dtype="float32")})
                 for d, lp in zip(data, lps, strict=True)]  # fmt: skip
             return self._fb(linear, "cross_entropy", None, False)
 
         def parse(raw: dict) -> vt.ForwardBackwardOutput:
-            out = _fwdbwd(raw)
+            out = forward_backward_from_json(raw)
             surrogate = out.metrics.pop("loss:sum", 0.0)
             out.metrics.update(
-                {**custom["metrics"], "loss:sum": custom["loss"], "surrogate_loss:sum": surrogate}
+                {**custom.metrics, "loss:sum": custom.loss, "surrogate_loss:sum": surrogate}
             )
             return out
 
@@ -309,79 +340,37 @@ class HttpTrainingClient(_RendererMixin):
         return self.create_sampling_client()
 
     def datum_from_messages(
-        self, messages: Sequence[Any], train_on: str = "all_assistant"
+        self, messages: Sequence[Message | dict[str, Any]], train_on: str = "all_assistant"
     ) -> vt.Datum:
-        from vlmtune.render import datum_from_rendered
-
-        rendered = self.renderer.render(list(messages), train_on=train_on)
-        return datum_from_rendered(rendered, self.renderer.image_token_id)
+        """A next-token datum from a conversation (OpenAI-style dicts or ``Message``s),
+        parsed and rendered here exactly as the in-process client does it."""
+        return datum_from_conversation(self.renderer, messages, train_on)
 
     def get_info(self) -> dict[str, Any]:
         info = self.t.post("/api/v1/get_info", {"model_id": self.model_id})
         v = info["vlmtune"]
         return {"base_model": info["model_name"], "mode": v["mode"], "lora_rank": info["lora_rank"] or 0,
-                "step": v["step"], "model_id": self.model_id, "job_id": v.get("job_id")}  # fmt: skip
+                "step": v["step"], "model_id": self.model_id, "job_id": v.get("job_id"),
+                "dtype": v.get("dtype")}  # fmt: skip
+
+    def describe(self) -> str:
+        v = self.t.post("/api/v1/get_info", {"model_id": self.model_id})["vlmtune"]
+        what = v.get("describe") or f"model {self._info['model_name']} ({v['mode']})"
+        return f"{what}; run {self.model_id} on {self.t.base_url}"
+
+    def prefetch_images(self, datums: Sequence[vt.Datum], workers: int | None = None) -> str:
+        """Nothing to do here: the server preprocesses each image when it first arrives
+        (and keeps it in its engine's cache), so only a count is reported."""
+        distinct = {
+            c.data for d in datums for c in d.model_input.chunks if isinstance(c, vt.ImageChunk)
+        }
+        return f"images: {len(distinct)} distinct, preprocessed by the server on first use"
 
     def list_checkpoints(self) -> list[dict[str, Any]]:
         return self.t.get(f"/api/v1/training_runs/{self.model_id}/checkpoints")["checkpoints"]
 
 
-class HttpServiceClient:
-    """``ServiceClient`` whose clients call a server (see ``ServiceClient(base_url=...)``)."""
-
-    def __init__(self, base_url: str, api_key: str | None = None, **engine_defaults: Any) -> None:
-        # Deliberately not ServiceClient.__init__ (that one builds nothing remote).
-        engine_defaults.pop("checkpoint_root", None)
-        engine_defaults.pop("device", None)  # the server picks its device
-        self.engine_defaults = engine_defaults
-        self.transport = HttpTransport(base_url, api_key)
-        self._session: str | None = None
-        self._seq = itertools.count()
-        self._lock = threading.Lock()
-
-    @property
-    def session_id(self) -> str:
-        with self._lock:
-            if self._session is None:
-                self._session = self.transport.post(
-                    "/api/v1/create_session", {"tags": [], "sdk_version": "vlmtune"}
-                )["session_id"]
-            return self._session
-
-    def create_training_client(
-        self, base_model: str, lora_rank: int = 0, **engine_kwargs: Any
-    ) -> HttpTrainingClient:
-        """``lora_rank=0`` fine-tunes every language-model weight; >0 trains a LoRA."""
-        kwargs = {**self.engine_defaults, **engine_kwargs}
-        kwargs.pop("device", None)
-        mode = kwargs.pop("mode", "full" if lora_rank == 0 else "lora")
-        if mode not in ("full", "lora") or (mode == "full") != (lora_rank == 0):
-            raise ValueError(
-                f"over HTTP, mode follows lora_rank (0: full, >0: lora); got mode={mode!r}, lora_rank={lora_rank}"
-            )
-        body = {"session_id": self.session_id, "model_seq_id": next(self._seq), "base_model": base_model,
-                "lora_config": {"rank": lora_rank} if lora_rank else None, "engine": kwargs}  # fmt: skip
-        self.transport.call("/api/v1/create_model", body)
-        return self.training_client_for(f"{body['session_id']}:train:{body['model_seq_id']}")
-
-    def create_lora_training_client(
-        self, base_model: str, rank: int = 16, **engine_kwargs: Any
-    ) -> HttpTrainingClient:
-        return self.create_training_client(base_model, lora_rank=rank, **engine_kwargs)
-
-    def training_client_for(self, model_id: str) -> HttpTrainingClient:
-        """A client for an existing run (e.g. after a restart: it reloads its last state)."""
-        info = self.transport.post("/api/v1/get_info", {"model_id": model_id})
-        return HttpTrainingClient(self.transport, model_id, info)
-
-    def create_sampling_client(self, base_model: str, **engine_kwargs: Any) -> HttpSamplingClient:
-        """Sample from a base model, or a saved checkpoint given as ``tinker://run/...``."""
-        key = "model_path" if base_model.startswith("tinker://") else "base_model"
-        out = self.transport.post("/api/v1/create_sampling_session", {key: base_model})
-        return HttpSamplingClient(self.transport, out["sampling_session_id"], out)
-
-
-def _message_json(m: Any) -> dict[str, Any]:
+def _message_json(m: Message | dict[str, Any]) -> dict[str, Any]:
     if isinstance(m, dict):
         return m
     from vlmtune.data.refs import data_url
@@ -393,7 +382,8 @@ def _message_json(m: Any) -> dict[str, Any]:
 
 
 def remote_chat_completion(
-    server: str, api_key: str | None, model: str, messages: Sequence[Any], max_tokens: int = 32,
+    server: str, api_key: str | None, model: str, messages: Sequence[Message | dict[str, Any]],
+    max_tokens: int = 32,
     temperature: float = 0.0,
 ) -> str:  # fmt: skip
     """One greedy chat completion from a served model (messages: OpenAI dicts or ``Message``)."""

@@ -8,6 +8,7 @@ models. A *TOML job* is a whole recipe run by the server in a worker process.
 
 from __future__ import annotations
 
+import builtins
 import re
 import time
 from collections.abc import Iterator
@@ -62,7 +63,7 @@ class JobsClient:
         self,
         config_toml: str,
         type_: str = "sft",
-        overrides: list[str] | None = None,
+        overrides: builtins.list[str] | None = None,  # `list` is a method here
         name: str | None = None,
     ) -> dict[str, Any]:
         body = {
@@ -74,6 +75,13 @@ class JobsClient:
         return self.t.post("/v1/jobs", body)
 
     def events(self, job_id: str, after: int = 0, wait: float = 0.0) -> dict[str, Any]:
+        """``{"job": ..., "events": [...]}``: the events after seq ``after``, waiting up to
+        ``wait`` seconds for one. Each has ``seq``, ``time``, ``type``, ``message``, ``data``.
+        ``progress`` and ``eval`` events are the run's ``metrics.jsonl`` records (SFT, DPO
+        and RL alike), the record in ``data["metrics"]`` and ``step``, ``total`` (a
+        progress event's; ``None`` if unknown), ``loss`` and ``accuracy`` (an eval's) next
+        to it where recorded; ``log`` events are lines of the worker's stderr, for humans;
+        the others (``running``, ``succeeded``, ``failed``, ...) are the job's life."""
         return self.t.get(f"/v1/jobs/{job_id}/events", after=after, wait=wait)
 
     def follow(

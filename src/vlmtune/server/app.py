@@ -22,15 +22,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
+from vlmtune.protocol.errors import BadRequest, NotFound
+from vlmtune.protocol.proto import ProtoError
 from vlmtune.server.auth import BodyTooLarge, GateMiddleware, KeyChecker, Receive, Scope, Send
 from vlmtune.server.context import SafeJSON, ServerConfig, ServerContext
 from vlmtune.server.inference import ModelPool
 from vlmtune.server.jobs import JobRunner
-from vlmtune.server.proto import ProtoError
 from vlmtune.server.runs import RunManager
 from vlmtune.server.samplers import SamplerManager
 from vlmtune.server.store import Store
-from vlmtune.server.wire import BadRequest, NotFound
 from vlmtune.server.workers import FutureRegistry
 
 log = logging.getLogger("vlmtune.server")
@@ -62,15 +62,16 @@ def create_context(config: ServerConfig) -> ServerContext:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(config.data_dir / "server.db")
     pool = ModelPool(config.max_loaded_models)
-    runs = RunManager(store, config.data_dir, gap_timeout=config.gap_timeout_s)
+    futures = FutureRegistry()
+    runs = RunManager(store, config.data_dir, futures, gap_timeout=config.gap_timeout_s)
     jobs = JobRunner(store, config.data_dir, runs, config.max_concurrent_jobs)
     samplers = SamplerManager(store, runs, pool)
-    return ServerContext(config, store, runs, FutureRegistry(), pool, jobs, samplers)
+    return ServerContext(config, store, runs, futures, pool, jobs, samplers)
 
 
-def create_app(config: ServerConfig) -> Any:
+def create_app(config: ServerConfig) -> GateMiddleware:
     """The full ASGI app (key and body-size gates around the FastAPI routes)."""
-    from vlmtune.server import jobs_api, openai_api, service_api, tinker_api
+    from vlmtune.server.routes import ROUTERS
 
     c = create_context(config)
 
@@ -87,8 +88,8 @@ def create_app(config: ServerConfig) -> Any:
 
     api = FastAPI(title="vlmtune", lifespan=lifespan, docs_url=None, redoc_url=None)
     api.state.ctx = c
-    for module in (service_api, tinker_api, jobs_api, openai_api):
-        api.include_router(module.router)
+    for router in ROUTERS:
+        api.include_router(router)
 
     @api.exception_handler(BadRequest)
     @api.exception_handler(ProtoError)

@@ -15,12 +15,14 @@ import hashlib
 import hmac
 import json
 import secrets
-import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlmtune.server.store import Store
+
+if TYPE_CHECKING:
+    from starlette.datastructures import State
 
 KEY_PREFIX = "tml-"
 # Paths that answer without a key (load balancers and clients probe them).
@@ -49,9 +51,7 @@ def create_key(store: Store, label: str = "") -> str:
     kid = secrets.token_hex(6)
     key = f"{KEY_PREFIX}{kid}_{secrets.token_urlsafe(32)}"
     salt = secrets.token_bytes(16)
-    store.insert(
-        "api_keys", kid=kid, salt=salt, digest=_digest(salt, key), label=label, created=time.time()
-    )
+    store.add_api_key(kid, salt, _digest(salt, key), label)
     return key
 
 
@@ -100,7 +100,7 @@ class KeyChecker:
         if kid is None:
             return False
         candidates = list(self.file_keys.get(kid, []))
-        row = self.store.one("SELECT salt, digest, revoked FROM api_keys WHERE kid = ?", (kid,))
+        row = self.store.api_key(kid)
         if row is not None and not row["revoked"]:
             candidates.append((row["salt"], row["digest"]))
         ok = False
@@ -148,6 +148,10 @@ class BodyTooLarge(Exception):
 
 class GateMiddleware:
     """401 for a missing/wrong key, 413 for an oversized body; both before any handler."""
+
+    # The wrapped FastAPI app's, set by ``create_app``: callers holding this outer app
+    # reach the server context through it.
+    state: State
 
     def __init__(self, app: ASGIApp, checker: KeyChecker, max_body_bytes: int) -> None:
         self.app = app

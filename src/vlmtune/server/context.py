@@ -1,14 +1,18 @@
-"""What every route handler needs: the server's settings and its long-lived parts."""
+"""What every route handler needs: the server's settings, its long-lived parts, the
+request body as a wire model, and a JSON response that survives a diverged loss."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+
+from vlmtune.protocol.wire import WireModel, parse_body
 
 if TYPE_CHECKING:
     from vlmtune.server.inference import ModelPool
@@ -44,8 +48,16 @@ class ServerContext:
     samplers: SamplerManager
 
 
+M = TypeVar("M", bound=WireModel)
+
+
 def ctx(request: Request) -> ServerContext:
     return request.app.state.ctx
+
+
+async def body_of(request: Request, model: type[M]) -> M:
+    """The request body as ``model`` (parsed off the event loop: bodies carry images)."""
+    return await run_in_threadpool(parse_body, await request.body(), model)
 
 
 class SafeJSON(JSONResponse):

@@ -10,51 +10,27 @@ when another is needed (bounding memory, which a busy server would otherwise fil
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 
-from vlmtune.engine import losses
+from vlmtune.engine import dispatch, losses
 from vlmtune.engine.engine import EngineConfig, TrainingEngine
 from vlmtune.types import (
     Datum,
     ForwardBackwardOutput,
     ModelInput,
-    SampledSequence,
+    SampleResponse,
     SamplingParams,
     TensorData,
 )
 
 T = TypeVar("T")
-
-
-@dataclass
-class SampleResult:
-    """One sampling request's outcome, encodable as JSON or as Tinker's protobuf."""
-
-    sequences: list[SampledSequence]
-    prompt_logprobs: list[float | None] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "type": "sample",
-            "sequences": [s.model_dump() for s in self.sequences],
-            "prompt_logprobs": self.prompt_logprobs,
-        }
-
-    def to_proto(self) -> bytes:
-        from vlmtune.server.proto import encode_sample_response
-
-        return encode_sample_response(
-            [(s.tokens, s.logprobs, s.stop_reason) for s in self.sequences], self.prompt_logprobs
-        )
 
 
 def prompt_logprobs(engine: TrainingEngine, prompt: ModelInput) -> list[float | None]:
@@ -80,17 +56,18 @@ def sample(
     params: SamplingParams,
     with_prompt_logprobs: bool = False,
     last_n: int | None = None,
-) -> SampleResult:
+) -> SampleResponse:
     sequences = engine.sample([prompt], num_samples, params)[0].sequences
     lps = None
     if with_prompt_logprobs:
         lps = prompt_logprobs(engine, prompt)
         if last_n is not None:
-            lps = [None] * max(0, len(lps) - last_n) + lps[-last_n:]
+            skipped: list[float | None] = [None] * max(0, len(lps) - last_n)
+            lps = skipped + lps[-last_n:]
     for s in sequences:  # NaN cannot go into JSON; -inf would round-trip badly too
         if s.logprobs is not None:
             s.logprobs = [x if math.isfinite(x) else -1e30 for x in s.logprobs]
-    return SampleResult(list(sequences), lps)
+    return SampleResponse(sequences=list(sequences), prompt_logprobs=lps)
 
 
 def forward_all_positions(
@@ -103,6 +80,7 @@ def forward_all_positions(
     so the pass runs with weight 1 everywhere, and the requested loss is computed
     here from those logprobs with the engine's own loss functions.
     """
+    spec = losses.loss_spec(loss_fn)
     probe = [
         Datum(
             model_input=d.model_input,
@@ -114,23 +92,17 @@ def forward_all_positions(
         for d in datums
     ]
     out = engine.forward(probe, "cross_entropy")
-    totals: dict[str, float] = {}
+    totals: dispatch.MetricTotals = {}
     for d, o in zip(datums, out.loss_fn_outputs, strict=True):
         lp = torch.tensor(o["logprobs"].data, dtype=torch.float32)[None]
         inp = {
             k: torch.tensor(v.data, dtype=torch.float32)[None] for k, v in d.loss_fn_inputs.items()
         }
-        if loss_fn == "cross_entropy":
-            _, m = losses.cross_entropy_loss(lp, inp["weights"])
-        elif loss_fn == "importance_sampling":
-            _, m = losses.importance_sampling_loss(lp, inp["logprobs"], inp["advantages"])
-        else:
-            low = config.get("clip_low_threshold", config.get("clip_low", 0.2))
-            high = config.get("clip_high_threshold", config.get("clip_high", 0.2))
-            _, m = losses.ppo_clip_loss(lp, inp["logprobs"], inp["advantages"], low, high)
-        for k, v in m.items():  # ``:sum`` metrics add up; the rest are averaged per datum
-            totals[k] = totals.get(k, 0.0) + (v if k.endswith(":sum") else v / len(datums))
-    return ForwardBackwardOutput(loss_fn_outputs=out.loss_fn_outputs, metrics=totals)
+        _, m = spec(lp, inp, config)
+        dispatch.add_metrics(totals, m)  # ``:sum`` metrics add up; means are per datum
+    return ForwardBackwardOutput(
+        loss_fn_outputs=out.loss_fn_outputs, metrics=dispatch.final_metrics(totals)
+    )
 
 
 def load_inference_engine(model_dir: str | Path, base_model: str | None = None) -> TrainingEngine:
@@ -140,20 +112,15 @@ def load_inference_engine(model_dir: str | Path, base_model: str | None = None) 
     The adapter directory's processor files carry the run's pixel limits, so images get
     the token counts they were trained with.
     """
+    from vlmtune.models.adapters import adapter_base_name, merge_adapter
     from vlmtune.models.loading import LoadedModel, load_model, load_processor
 
     path = Path(model_dir)
     if not (path / "adapter_config.json").is_file():
         return TrainingEngine(EngineConfig(base_model=str(model_dir), mode="full", lora_rank=0))
-    from peft import PeftModel
-
-    base = base_model or json.loads((path / "adapter_config.json").read_text()).get(
-        "base_model_name_or_path"
-    )
-    if not base:
-        raise ValueError(f"{path}/adapter_config.json names no base model")
-    loaded = load_model(base, mode="full")
-    model = PeftModel.from_pretrained(loaded.model, str(path)).merge_and_unload()
+    base = base_model or adapter_base_name(path)
+    loaded = load_model(base)
+    model = merge_adapter(loaded.model, path)
     model.requires_grad_(False)
     processor = load_processor(path)
     merged = LoadedModel(

@@ -2,17 +2,19 @@
 
 A TOML job runs ``python -m vlmtune train --type T --config FILE --output RUN_DIR`` in
 its own process, so a crash, an out-of-memory kill or a cancel never takes the server
-down, and its stderr lines become the job's events. When it succeeds, the run's
-``final/`` directory is promoted to a model named after the job. Job state lives in
+down. Its progress comes from the run directory's ``metrics.jsonl``, the record the CLI
+writes (``job_progress``); its stderr is kept as a plain log for humans (``log``
+events, ``stderr.log``) and never parsed. When it succeeds, the run's ``final/``
+directory is promoted to a model named after the job. Job state lives in
 the store: after a restart a job that was running is ``interrupted`` and can be
 resumed (``--resume`` continues from its last checkpoint).
 """
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -20,14 +22,18 @@ import threading
 import time
 import tomllib
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from vlmtune.protocol.errors import BadRequest, NotFound
+from vlmtune.protocol.paths import checkpoint_name, is_tinker_path
+from vlmtune.server import catalog
+from vlmtune.server.job_progress import PROGRESS_EVENTS, MetricsTail, job_event
+from vlmtune.server.run_config import engine_config
 from vlmtune.server.runs import RunManager
 from vlmtune.server.store import Store
-from vlmtune.server.wire import BadRequest, NotFound
 
-MODEL_ID_RE = re.compile(r"^[a-z0-9-]{1,63}$")
 TERMINAL = ("succeeded", "failed", "cancelled", "deleted")
 PROFILES: dict[str, dict[str, Any]] = {
     "default": {
@@ -40,13 +46,6 @@ PROFILES: dict[str, dict[str, Any]] = {
         "precision": "auto",
     }
 }
-_PATTERNS = [
-    (re.compile(r"^step (\d+)/(\d+)\s+loss (\S+)"), "progress", ("step", "total", "loss")),
-    (re.compile(r"^eval @ step (\d+): loss (\S+)\s+accuracy (\S+)"), "eval", ("step", "loss", "accuracy")),
-    (re.compile(r"^saved (.+)$"), "saved", ("path",)),
-    (re.compile(r"^resumed from (.+) \(step (\d+)\)"), "resumed", ("path", "step")),
-    (re.compile(r"^run directory: (.+)$"), "started", ("run_dir",)),
-]  # fmt: skip
 
 
 def resolve_profile(shape_id: str) -> dict[str, Any]:
@@ -58,36 +57,17 @@ def resolve_profile(shape_id: str) -> dict[str, Any]:
     return dict(PROFILES[shape_id])
 
 
-def parse_event(line: str) -> tuple[str, dict[str, Any]]:
-    """A worker's stderr line -> (event type, data)."""
-    for pattern, kind, names in _PATTERNS:
-        m = pattern.match(line)
-        if m:
-            data: dict[str, Any] = {}
-            for name, value in zip(names, m.groups(), strict=True):
-                try:
-                    data[name] = int(value) if value.isdigit() else float(value)
-                except ValueError:
-                    data[name] = value
-            return kind, data
-    if (
-        line.startswith(("Traceback", "Error", "RuntimeError", "ValueError"))
-        or "error" in line[:40].lower()
-    ):
-        return "error", {}
-    return "log", {}
-
-
-def model_name(text: str) -> str:
-    name = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:63].strip("-")
-    return name or "model"
-
-
 class JobRunner:
     def __init__(
-        self, store: Store, data_dir: Path, runs: RunManager, max_concurrent: int = 1
+        self,
+        store: Store,
+        data_dir: Path,
+        runs: RunManager,
+        max_concurrent: int = 1,
+        metrics_poll_s: float = 0.5,  # how often a running job's metrics.jsonl is read
     ) -> None:
         self.store = store
+        self.metrics_poll_s = metrics_poll_s
         self.dir = data_dir / "jobs"
         self.runs = runs
         self.max_concurrent = max(1, max_concurrent)
@@ -98,7 +78,7 @@ class JobRunner:
         self._closing = False
 
     def start(self) -> None:
-        for row in self.store.all("SELECT id FROM jobs WHERE state = 'running' AND kind = 'toml'"):
+        for row in self.store.jobs(kind="toml", state="running"):
             self._set(row["id"], "interrupted")
             self.store.add_event(
                 row["id"], "interrupted", "the server stopped while this job ran; resume it"
@@ -107,26 +87,20 @@ class JobRunner:
 
     # ---- bookkeeping ------------------------------------------------------------------
     def get(self, job_id: str) -> dict[str, Any]:
-        row = self.store.one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        row = self.store.job(job_id)
         if row is None:
             raise NotFound(f"unknown job {job_id!r}")
         return row
 
     def list(self, kind: str | None = None) -> list[dict[str, Any]]:
-        if kind:
-            return self.store.all(
-                "SELECT * FROM jobs WHERE kind = ? ORDER BY created DESC", (kind,)
-            )
-        return self.store.all("SELECT * FROM jobs ORDER BY created DESC")
+        return self.store.jobs(kind)
 
     def _set(self, job_id: str, state: str, **values: Any) -> None:
-        self.store.update("jobs", {"id": job_id}, state=state, updated=time.time(), **values)
+        self.store.update_job(job_id, state=state, updated=time.time(), **values)
 
-    def _new(self, kind: str, name: str, state: str, config: dict[str, Any], **values: Any) -> dict:
+    def _new(self, kind: str, name: str, state: str, config: dict[str, Any]) -> dict:
         job_id = f"job-{uuid.uuid4().hex[:12]}"
-        now = time.time()
-        self.store.insert("jobs", id=job_id, kind=kind, name=name, state=state, config=config,
-                          created=now, updated=now, **values)  # fmt: skip
+        self.store.add_job(job_id, kind, name, state, config)
         self.store.add_event(job_id, "created", f"{kind} job created")
         return self.get(job_id)
 
@@ -135,7 +109,7 @@ class JobRunner:
         base, rank = cfg.get("base_model"), cfg.get("lora_rank", 16)
         if not isinstance(base, str) or not isinstance(rank, int) or rank < 0:
             raise BadRequest("trainer job needs base_model (str) and lora_rank (int >= 0)")
-        self.runs.engine_config(base, rank, None)  # the model must be servable here
+        engine_config(base, rank, None)  # the model must be servable here
         lr, gas = cfg.get("learning_rate", 1e-4), cfg.get("gradient_accumulation_steps", 1)
         if not isinstance(lr, int | float) or lr <= 0 or not isinstance(gas, int) or gas < 1:
             raise BadRequest("learning_rate must be > 0 and gradient_accumulation_steps >= 1")
@@ -158,7 +132,13 @@ class JobRunner:
             )
 
     # ---- TOML jobs ----------------------------------------------------------------------
-    def submit_toml(self, text: str, type_: str, overrides: list[str], name: str | None) -> dict:
+    def submit_toml(
+        self,
+        text: str,
+        type_: str,
+        overrides: builtins.list[str],  # `list` is a method here
+        name: str | None,
+    ) -> dict[str, Any]:
         if type_ not in ("sft", "dpo", "rl"):
             raise BadRequest(f"type must be sft, dpo or rl (got {type_!r})")
         try:
@@ -172,7 +152,7 @@ class JobRunner:
         job_dir = self.dir / row["id"]
         job_dir.mkdir(parents=True, exist_ok=True)
         (job_dir / "config.toml").write_text(text)
-        self.store.update("jobs", {"id": row["id"]}, run_dir=str(job_dir / "run"))
+        self.store.update_job(row["id"], run_dir=str(job_dir / "run"))
         self._schedule()
         return self.get(row["id"])
 
@@ -181,9 +161,7 @@ class JobRunner:
             if self._closing:
                 return
             while len(self.procs) < self.max_concurrent:
-                row = self.store.one(
-                    "SELECT * FROM jobs WHERE state = 'queued' AND kind = 'toml' ORDER BY updated LIMIT 1"
-                )
+                row = self.store.next_queued_job()
                 if row is None:
                     return
                 self._launch(row, resume=bool(row["config"].get("resume")))
@@ -211,18 +189,17 @@ class JobRunner:
         thread.start()
 
     def _monitor(self, job_id: str, proc: subprocess.Popen) -> None:
-        tail: list[str] = []
-        with (self.dir / job_id / "stderr.log").open("a") as log_file:
-            assert proc.stderr is not None
-            for raw in proc.stderr:
-                line = raw.decode(errors="replace").rstrip()
-                log_file.write(line + "\n")
-                if not line:
-                    continue
-                tail = (tail + [line])[-30:]
-                kind, data = parse_event(line)
-                self.store.add_event(job_id, kind, line[:2000], data)
+        metrics = self._metrics_tail(job_id)
+        exited = threading.Event()
+        follower = threading.Thread(
+            target=self._follow_metrics, args=(job_id, metrics, exited), daemon=True
+        )
+        follower.start()
+        tail = self._relay_stderr(job_id, proc)
         code = proc.wait()
+        exited.set()
+        follower.join()
+        self._report_progress(job_id, metrics)  # records written just before the exit
         with self._lock:
             self.procs.pop(job_id, None)
             cancelled = job_id in self.cancelling
@@ -240,16 +217,44 @@ class JobRunner:
             self.store.add_event(job_id, "failed", f"worker exited with code {code}")
         self._schedule()
 
+    def _relay_stderr(self, job_id: str, proc: subprocess.Popen) -> Sequence[str]:
+        """Copy the worker's stderr to ``stderr.log`` and ``log`` events, unparsed; return
+        its last lines (a failed job's error)."""
+        tail: list[str] = []
+        with (self.dir / job_id / "stderr.log").open("a") as log_file:
+            assert proc.stderr is not None
+            for raw in proc.stderr:
+                line = raw.decode(errors="replace").rstrip()
+                log_file.write(line + "\n")
+                if line:
+                    tail = (tail + [line])[-30:]
+                    self.store.add_event(job_id, "log", line[:2000])
+        return tail
+
+    def _metrics_tail(self, job_id: str) -> MetricsTail:
+        # A resumed job's worker rewrites the lines it keeps: those were reported already.
+        reported: list[dict[str, Any]] = []
+        after = 0
+        while events := self.store.events(job_id, after):
+            after = events[-1]["seq"]
+            reported += [e["data"]["metrics"] for e in events if e["type"] in PROGRESS_EVENTS]
+        return MetricsTail(Path(self.get(job_id)["run_dir"]) / "metrics.jsonl", reported)
+
+    def _follow_metrics(self, job_id: str, metrics: MetricsTail, exited: threading.Event) -> None:
+        while not exited.wait(self.metrics_poll_s):
+            self._report_progress(job_id, metrics)
+
+    def _report_progress(self, job_id: str, metrics: MetricsTail) -> None:
+        for record in metrics.read_new():
+            kind, message, data = job_event(record)
+            self.store.add_event(job_id, kind, message, data)
+
     def _succeeded(self, job_id: str) -> None:
         job = self.get(job_id)
-        summary: dict[str, Any] = {}
-        lines = (self.dir / job_id / "stdout.log").read_text(errors="replace").strip().splitlines()
-        for line in reversed(lines):
-            try:
-                summary = json.loads(line)
-                break
-            except json.JSONDecodeError:
-                continue
+        try:
+            summary = json.loads((Path(job["run_dir"]) / "summary.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            summary = {}  # the model is still promoted: the summary is only reported
         final = Path(job["run_dir"]) / "final"
         model_id = None
         if final.is_dir():
@@ -258,8 +263,9 @@ class JobRunner:
                 .get("job", {})
                 .get("model", "")
             )
-            model_id = self._unique_model_id(model_name(job["name"]))
-            self._add_model(model_id, final, base, {"job_id": job_id, "checkpoint": "final"})
+            model_id = catalog.unique_model_id(self.store, catalog.model_name(job["name"]))
+            source = {"job_id": job_id, "checkpoint": "final"}
+            catalog.add_model(self.store, model_id, final, base, source)
             self.store.add_event(job_id, "promoted", f"model {model_id}", {"model_id": model_id})
         self._set(job_id, "succeeded", exit_code=0, model_id=model_id)
         self.store.add_event(
@@ -288,7 +294,7 @@ class JobRunner:
             raise BadRequest(
                 f"only a failed, cancelled or interrupted TOML job resumes (state {job['state']})"
             )
-        self.store.update("jobs", {"id": job_id}, config={**job["config"], "resume": True})
+        self.store.update_job(job_id, config={**job["config"], "resume": True})
         self._set(job_id, "queued")
         self.store.add_event(job_id, "queued", "resume requested")
         self._schedule()
@@ -298,37 +304,17 @@ class JobRunner:
         job = self.get(job_id)
         if job_id in self.procs:
             self.cancel(job_id)
-        for row in self.store.all("SELECT id FROM runs WHERE job_id = ?", (job_id,)):
-            self.runs.unload(row["id"])
+        for run_id in self.store.job_run_ids(job_id):
+            self.runs.unload(run_id)
         # Its runs stop serving; their checkpoints (and models promoted from them) stay.
-        self.store.update("runs", {"job_id": job_id}, deleted=1)
+        self.store.delete_job_runs(job_id)
         self._set(job_id, "deleted")
         self.store.add_event(job_id, "deleted", "deleted")
         return {**job, "state": "deleted"}
 
     # ---- models -------------------------------------------------------------------------
-    def _unique_model_id(self, name: str) -> str:
-        candidate, n = name, 1
-        while self.store.one("SELECT id FROM models WHERE id = ?", (candidate,)):
-            n += 1
-            candidate = f"{name[: 63 - len(str(n)) - 1]}-{n}"
-        return candidate
-
-    def _add_model(self, model_id: str, path: Path, base: str, source: dict) -> None:
-        self.store.insert(
-            "models",
-            id=model_id,
-            path=str(path),
-            base_model=base,
-            source=source,
-            created=time.time(),
-        )
-
     def promote(self, job_id: str, checkpoint_id: str, output_model_id: str) -> dict[str, Any]:
-        if not MODEL_ID_RE.match(output_model_id):
-            raise BadRequest(f"model id {output_model_id!r}: use 1-63 characters of a-z, 0-9 and -")
-        if self.store.one("SELECT id FROM models WHERE id = ?", (output_model_id,)):
-            raise BadRequest(f"model {output_model_id!r} already exists")
+        catalog.check_new_model_id(self.store, output_model_id)
         job = self.get(job_id)
         if job["kind"] == "toml":
             path = Path(job["run_dir"]) / (checkpoint_id or "final")
@@ -340,27 +326,19 @@ class JobRunner:
         else:
             row = self._job_checkpoint(job_id, checkpoint_id)
             path = Path(row["path"])
-            base = self.store.one("SELECT base_model FROM runs WHERE id = ?", (row["run_id"],))[
-                "base_model"
-            ]
-        self._add_model(
-            output_model_id, path, base, {"job_id": job_id, "checkpoint": checkpoint_id}
-        )
-        return self.store.one("SELECT * FROM models WHERE id = ?", (output_model_id,)) or {}
+            base = self.runs.base_model(row["run_id"])
+        source = {"job_id": job_id, "checkpoint": checkpoint_id}
+        return catalog.add_model(self.store, output_model_id, path, base, source)
 
     def _job_checkpoint(self, job_id: str, checkpoint_id: str) -> dict[str, Any]:
-        if checkpoint_id.startswith("tinker://"):
+        if is_tinker_path(checkpoint_id):
             row = self.runs.resolve_checkpoint(checkpoint_id, None, "sampler")
-            owner = self.store.one("SELECT job_id FROM runs WHERE id = ?", (row["run_id"],))
+            owner = self.store.run(row["run_id"], include_deleted=True)
             if owner is None or owner["job_id"] != job_id:
                 raise BadRequest(f"{checkpoint_id} does not belong to job {job_id}")
             return row
-        name = checkpoint_id.removeprefix("sampler_weights/")
-        rows = self.store.all(
-            "SELECT c.* FROM checkpoints c JOIN runs r ON r.id = c.run_id "
-            "WHERE r.job_id = ? AND c.kind = 'sampler' AND c.name = ?",
-            (job_id, name),
-        )
+        name = checkpoint_name(checkpoint_id, "sampler")
+        rows = self.store.job_checkpoints(job_id, "sampler", name)
         if not rows:
             raise NotFound(f"job {job_id} has no sampler checkpoint {checkpoint_id!r}")
         if len(rows) > 1:

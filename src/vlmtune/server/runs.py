@@ -1,6 +1,9 @@
 """Training runs: one engine and one ordered worker each, persisted through the store.
 
-Every engine call for a run happens on that run's worker thread, in submission order.
+Every engine call for a run happens on that run's worker thread, in submission order:
+``submit`` is the one way in, and owns that order and idempotency (a retried request
+is answered with the first one's future). A primitive here only checks its request
+and returns the task the worker will run.
 After a restart a run is known from the database only; its engine is rebuilt on the
 first request, from its latest saved state (``save_state``), so nothing the client
 saved is lost. A run that had trained but never saved cannot be rebuilt, and says so.
@@ -8,13 +11,11 @@ saved is lost. A run that had trained but never saved cannot be rebuilt, and say
 
 from __future__ import annotations
 
-import concurrent.futures
-import json
 import re
 import tempfile
 import threading
-import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,42 +23,18 @@ from typing import Any
 import torch
 
 from vlmtune.engine.engine import EngineConfig, TrainingEngine
+from vlmtune.protocol.errors import BadRequest, NotFound
+from vlmtune.protocol.paths import is_tinker_path, parse_tinker_path, tinker_path
 from vlmtune.server.inference import forward_all_positions
+from vlmtune.server.run_config import check_compatible, check_name, engine_config, model_pixels
 from vlmtune.server.store import Store
 from vlmtune.server.validate import InputValidator
-from vlmtune.server.wire import BadRequest, NotFound
-from vlmtune.server.workers import SeqWorker
+from vlmtune.server.workers import FutureRegistry, SeqWorker
 from vlmtune.types import AdamParams, Datum, ForwardBackwardOutput
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-# EngineConfig fields a client may set when creating a run (device and mode are the server's).
-CLIENT_ENGINE_KEYS = (
-    "lora_alpha", "lora_dropout", "target_modules", "freeze_vision_tower", "freeze_projector",
-    "min_pixels", "max_pixels", "max_images_per_message", "micro_batch_size", "packing",
-    "max_row_tokens", "gradient_checkpointing", "seed", "precision",
-)  # fmt: skip
-# Config fields that must agree for one run to load another's saved state.
-STATE_KEYS = ("base_model", "mode", "lora_rank", "lora_alpha", "target_modules",
-              "freeze_vision_tower", "freeze_projector")  # fmt: skip
-
-
-def tinker_path(run_id: str, kind: str, name: str) -> str:
-    return f"tinker://{run_id}/{'weights' if kind == 'training' else 'sampler_weights'}/{name}"
-
-
-def model_pixels(config: EngineConfig) -> tuple[Path, int, int]:
-    """(model directory, effective min_pixels, max_pixels): what the engine will use."""
-    from vlmtune.models.loading import resolve_model_path
-    from vlmtune.models.registry import UnknownModelError, get_model_spec, spec_from_dir
-
-    path = resolve_model_path(config.base_model)
-    try:
-        spec = get_model_spec(config.base_model)
-    except UnknownModelError:
-        spec = spec_from_dir(path)
-    lo = config.min_pixels if config.min_pixels is not None else spec.min_pixels
-    hi = config.max_pixels if config.max_pixels is not None else spec.max_pixels
-    return path, lo, hi
+OPTIM_STEP_METRIC = "vlmtune/step"  # optim_step's metric: the run's optimizer steps so far
+SEEN_PER_RUN = 4096  # seq_ids remembered per run for answering retries
+Task = Callable[[], Any]  # what a run's worker runs
 
 
 @dataclass
@@ -81,45 +58,43 @@ class Run:
 
 
 class RunManager:
-    def __init__(self, store: Store, data_dir: Path, gap_timeout: float = 10.0) -> None:
+    def __init__(
+        self, store: Store, data_dir: Path, futures: FutureRegistry, gap_timeout: float = 10.0
+    ) -> None:
         self.store = store
+        self.futures = futures
         self.gap_timeout = gap_timeout
         self.data_dir = data_dir
         self.runs: dict[str, Run] = {}
         self._validators: dict[tuple, InputValidator] = {}
         self._lock = threading.RLock()
 
-    # ---- creation and lookup -----------------------------------------------------
-    def engine_config(
-        self, base_model: str, lora_rank: int, overrides: dict | None
-    ) -> EngineConfig:
-        from vlmtune.models.loading import ModelNotFoundError
-        from vlmtune.models.registry import UnknownModelError
+    # ---- the one way in -----------------------------------------------------------
+    def submit(self, run: Run, seq: int | None, kind: str, prepare: Callable[[], Task]) -> str:
+        """Queue a request on ``run``'s worker in ``seq`` order; return its request id.
 
-        unknown = sorted(set(overrides or {}) - set(CLIENT_ENGINE_KEYS))
-        if unknown:
-            raise BadRequest(
-                f"engine: unknown settings {unknown} (allowed: {list(CLIENT_ENGINE_KEYS)})"
-            )
-        mode = "full" if lora_rank == 0 else "lora"
-        config = EngineConfig(base_model=base_model, mode=mode, lora_rank=lora_rank or 16)
-        for key, value in (overrides or {}).items():
-            expected = type(getattr(config, key))
-            if (
-                value is not None
-                and expected in (int, float, bool)
-                and not isinstance(value, expected)
-            ):
-                raise BadRequest(f"engine.{key}: expected {expected.__name__}, got {value!r}")
-            setattr(config, key, value)
+        ``prepare`` checks the request (raising ``BadRequest`` or ``NotFound``) and
+        returns the task to run. A client that lost the response to a POST sends it
+        again with the same ``seq``: it gets the first request's id, and nothing runs
+        twice. A request that fails its checks tells the worker not to wait for ``seq``.
+        """
+        with self._lock:
+            if seq is not None and seq in run.seen:
+                return run.seen[seq]
         try:
-            _, lo, hi = model_pixels(config)
-        except (UnknownModelError, ModelNotFoundError, FileNotFoundError, ValueError) as e:
-            raise BadRequest(f"base_model {base_model!r}: {e}") from None
-        if not 0 < lo <= hi:
-            raise BadRequest(f"engine: need 0 < min_pixels <= max_pixels (got {lo}, {hi})")
-        return config
+            task = prepare()
+        except Exception:
+            run.worker.skip(seq)
+            raise
+        request_id = self.futures.add(run.worker.submit(task, seq), kind, run.id)
+        if seq is not None:
+            with self._lock:
+                run.seen[seq] = request_id
+                while len(run.seen) > SEEN_PER_RUN:
+                    run.seen.popitem(last=False)
+        return request_id
 
+    # ---- creation and lookup -----------------------------------------------------
     def create(
         self,
         run_id: str,
@@ -130,33 +105,42 @@ class RunManager:
         session_id: str | None = None,
         job_id: str | None = None,
         user_metadata: dict | None = None,
-    ) -> tuple[Run, concurrent.futures.Future]:
-        """A new run; the future resolves once its engine is built (idempotent by id)."""
+    ) -> Run:
+        """A new run, or the existing one of that id if it has the same model and rank."""
         with self._lock:
-            row = self.store.one("SELECT * FROM runs WHERE id = ?", (run_id,))
+            row = self.store.run(run_id, include_deleted=True)
             if row is not None:
                 if row["base_model"] != base_model or row["lora_rank"] != lora_rank:
                     raise BadRequest(f"model id {run_id} already exists with another configuration")
-                run = self.get(run_id)
-                return run, run.worker.submit(lambda: self.engine(run) and None)
-            config = self.engine_config(base_model, lora_rank, overrides)
+                return self.get(run_id)
+            config = engine_config(base_model, lora_rank, overrides)
             run_dir = self.data_dir / "runs" / re.sub(r"[^A-Za-z0-9._-]", "_", run_id)
-            now = time.time()
-            self.store.insert(
-                "runs", id=run_id, session_id=session_id, job_id=job_id, base_model=base_model,
-                lora_rank=lora_rank, config=asdict(config), dir=str(run_dir), created=now,
-                last_request=now, user_metadata=user_metadata or {},
+            self.store.add_run(
+                run_id, session_id=session_id, job_id=job_id, base_model=base_model,
+                lora_rank=lora_rank, config=asdict(config), run_dir=str(run_dir),
+                user_metadata=user_metadata,
             )  # fmt: skip
             run = Run(run_id, config, run_dir, job_id, SeqWorker(run_id, 1, self.gap_timeout))
             self.runs[run_id] = run
-        return run, run.worker.submit(lambda: self.engine(run) and None)
+            return run
+
+    def base_model(self, run_id: str) -> str:
+        """The base model of a run, deleted or not (its checkpoints outlive it)."""
+        row = self.store.run(run_id, include_deleted=True)
+        if row is None:
+            raise NotFound(f"unknown training run {run_id!r}")
+        return str(row["base_model"])
+
+    def build(self, run: Run) -> Task:
+        """The task that builds the run's engine (``create_model``'s result)."""
+        return lambda: self.engine(run) and None
 
     def get(self, run_id: str) -> Run:
         with self._lock:
             run = self.runs.get(run_id)
             if run is not None:
                 return run
-            row = self.store.one("SELECT * FROM runs WHERE id = ? AND deleted = 0", (run_id,))
+            row = self.store.run(run_id)
             if row is None:
                 raise NotFound(f"unknown model id {run_id!r}")
             # Known from the database only (the server restarted): rebuilt lazily.
@@ -173,7 +157,7 @@ class RunManager:
             engine = TrainingEngine(run.config)
             if run.restore:
                 states = self.store.checkpoints(run.id, "training")
-                step = self.store.one("SELECT step FROM runs WHERE id = ?", (run.id,))["step"]
+                step = self.step(run)
                 if states:
                     engine.load_state(states[-1]["path"])
                 elif step > 0:
@@ -192,22 +176,17 @@ class RunManager:
                 self._validators[key] = InputValidator(path, lo, hi)
             return self._validators[key]
 
-    def touch(self, run: Run, step: int | None = None) -> None:
-        if step is None:
-            self.store.update("runs", {"id": run.id}, last_request=time.time())
-        else:
-            self.store.update("runs", {"id": run.id}, last_request=time.time(), step=step)
+    def step(self, run: Run) -> int:
+        """Optimizer steps taken: the engine's, or the stored count before it is rebuilt."""
+        if run.engine is not None:
+            return run.engine.step
+        row = self.store.run(run.id, include_deleted=True)
+        return row["step"] if row else 0
 
-    # ---- training primitives (each runs on the run's worker) ----------------------
+    # ---- training primitives: each checks its request, returns the worker's task -----
     def forward_backward(
-        self,
-        run: Run,
-        datums: list[Datum],
-        loss_fn: str,
-        config: dict,
-        forward_only: bool,
-        seq: int | None,
-    ) -> concurrent.futures.Future:
+        self, run: Run, datums: list[Datum], loss_fn: str, config: dict, forward_only: bool
+    ) -> Task:
         def task() -> ForwardBackwardOutput:
             engine = self.engine(run)
             if forward_only:
@@ -221,29 +200,27 @@ class RunManager:
                     p.grad = g
                 raise
 
-        return run.worker.submit(task, seq)
+        return task
 
-    def optim_step(
-        self, run: Run, params: AdamParams, seq: int | None
-    ) -> concurrent.futures.Future:
+    def forward_reference(self, run: Run, datums: list[Datum], loss_fn: str, config: dict) -> Task:
+        """``forward`` under the base model (vlmtune's extension; the in-process values)."""
+        return lambda: self.engine(run).reference_forward(datums, loss_fn, config)
+
+    def optim_step(self, run: Run, params: AdamParams) -> Task:
         def task() -> dict[str, Any]:
             engine = self.engine(run)
             out = engine.optim_step(params)
             run.version += 1
-            self.touch(run, engine.step)
-            return {"metrics": {**out.metrics, "step": float(engine.step)}}
+            self.store.touch_run(run.id, engine.step)
+            # Namespaced: a client's loop merges these into its own metrics, where a plain
+            # "step" would overwrite its step counter (tinker-cookbook's does).
+            return {"metrics": {**out.metrics, OPTIM_STEP_METRIC: engine.step}}
 
-        return run.worker.submit(task, seq)
+        return task
 
     def save_state(
-        self,
-        run: Run,
-        name: str,
-        overwrite: bool,
-        extra: dict | None,
-        meta: dict | None,
-        seq: int | None,
-    ) -> concurrent.futures.Future:
+        self, run: Run, name: str, overwrite: bool, extra: dict | None, meta: dict | None
+    ) -> Task:
         check_name(name)
         path = run.dir / "weights" / name
         if path.exists() and not overwrite:
@@ -255,16 +232,14 @@ class RunManager:
             self.store.add_checkpoint(
                 run.id, "training", name, str(path), step=engine.step, user_metadata=meta
             )
-            self.touch(run, engine.step)
+            self.store.touch_run(run.id, engine.step)
             return {"type": "save_weights", "path": tinker_path(run.id, "training", name)}
 
-        return run.worker.submit(task, seq)
+        return task
 
-    def load_state(
-        self, run: Run, ref: str, optimizer: bool, seq: int | None
-    ) -> concurrent.futures.Future:
+    def load_state(self, run: Run, ref: str, optimizer: bool) -> Task:
         row = self.resolve_checkpoint(ref, run, "training")
-        self.check_compatible(run.config, Path(row["path"]))
+        check_compatible(run.config, Path(row["path"]))
 
         def task() -> dict[str, Any]:
             engine = self.engine(run)
@@ -272,7 +247,7 @@ class RunManager:
             if not optimizer:
                 engine.optimizer = None
             run.version += 1
-            self.touch(run, engine.step)
+            self.store.touch_run(run.id, engine.step)
             path = tinker_path(row["run_id"], "training", row["name"])
             return {
                 "type": "load_weights",
@@ -282,18 +257,16 @@ class RunManager:
                 "step": engine.step,
             }
 
-        return run.worker.submit(task, seq)
+        return task
 
-    def save_for_sampler(
-        self, run: Run, name: str, checkpoint_type: str, seq: int | None
-    ) -> concurrent.futures.Future:
+    def save_for_sampler(self, run: Run, name: str, checkpoint_type: str) -> Task:
         check_name(name)
         path = run.dir / "sampler_weights" / name
 
         def task() -> dict[str, Any]:
             engine = self.engine(run)
             if checkpoint_type == "merged" and run.is_lora:
-                from vlmtune.models.loading import merge_adapter_to_dir
+                from vlmtune.models.saving import merge_adapter_to_dir
 
                 run.dir.mkdir(parents=True, exist_ok=True)
                 with tempfile.TemporaryDirectory(dir=run.dir) as tmp:
@@ -315,45 +288,23 @@ class RunManager:
                 "name": name,
             }
 
-        return run.worker.submit(task, seq)
+        return task
 
     # ---- checkpoints ----------------------------------------------------------------
     def resolve_checkpoint(self, ref: str, run: Run | None = None, kind: str = "training") -> dict:
         """A checkpoint row from ``tinker://run/weights/name``, a bare name, or a path ending in one."""
-        if ref.startswith("tinker://"):
-            parts = ref[len("tinker://") :].split("/")
-            if len(parts) != 3 or parts[1] not in ("weights", "sampler_weights"):
-                raise BadRequest(
-                    f"malformed checkpoint path {ref!r} (tinker://<run>/weights/<name>)"
-                )
-            run_id, kind, name = (
-                parts[0],
-                "training" if parts[1] == "weights" else "sampler",
-                parts[2],
-            )
+        if is_tinker_path(ref):
+            run_id, kind, name = parse_tinker_path(ref)
         elif run is not None:
             run_id, name = run.id, Path(ref).name
         else:
             raise BadRequest(
                 f"checkpoint {ref!r}: expected tinker://<run>/<weights|sampler_weights>/<name>"
             )
-        row = self.store.one(
-            "SELECT * FROM checkpoints WHERE run_id = ? AND kind = ? AND name = ?",
-            (run_id, kind, name),
-        )
+        row = self.store.checkpoint(run_id, kind, name)
         if row is None or not Path(row["path"]).exists():
             raise NotFound(f"no {kind} checkpoint {name!r} in run {run_id!r}")
         return row
-
-    def check_compatible(self, config: EngineConfig, state_dir: Path) -> None:
-        saved = json.loads((state_dir / "state.json").read_text())["engine"]
-        mine = asdict(config)
-        diff = [k for k in STATE_KEYS if saved.get(k) != mine.get(k)]
-        if diff:
-            raise BadRequest(
-                "checkpoint was saved by a run with different "
-                + ", ".join(f"{k} ({saved.get(k)!r} vs {mine.get(k)!r})" for k in diff)
-            )
 
     def close(self) -> None:
         with self._lock:
@@ -366,8 +317,3 @@ class RunManager:
             run = self.runs.pop(run_id, None)
         if run is not None:
             run.worker.close(wait=False)
-
-
-def check_name(name: str) -> None:
-    if not NAME_RE.match(name) or ".." in name:
-        raise BadRequest(f"checkpoint name {name!r}: use 1-128 of A-Z a-z 0-9 . _ - (no slashes)")

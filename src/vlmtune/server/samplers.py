@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from vlmtune.server.inference import ModelPool, SampleResult, load_inference_engine, sample
-from vlmtune.server.runs import Run, RunManager
+from vlmtune.protocol.errors import BadRequest, NotFound
+from vlmtune.server.inference import ModelPool, load_inference_engine, sample
+from vlmtune.server.run_config import engine_config
+from vlmtune.server.runs import Run, RunManager, Task
 from vlmtune.server.store import Store
 from vlmtune.server.validate import InputValidator
-from vlmtune.server.wire import BadRequest, NotFound
-from vlmtune.types import ModelInput, SamplingParams
+from vlmtune.types import ModelInput, SampleResponse, SamplingParams
 
 MAX_SNAPSHOTS = 4  # per run: each holds a copy of the trainable weights
 
@@ -46,8 +46,9 @@ class SamplerManager:
         self.samplers: dict[str, Sampler] = {}
         self._lock = threading.Lock()
 
-    def from_run(self, run: Run, kind: str, seq: int | None) -> concurrent.futures.Future:
-        """A session over a run's weights: ``inflight`` (live) or ``snapshot`` (frozen now)."""
+    def from_run(self, run: Run, kind: str) -> Task:
+        """The task making a session over a run's weights: ``inflight`` (live) or
+        ``snapshot`` (frozen when the task runs, in order with the run's training)."""
         sid = f"samp-{uuid.uuid4().hex[:16]}"
         live = kind == "inflight"
         sampler = Sampler(sid, "live" if live else "snapshot", run.config.base_model, run.id)
@@ -64,23 +65,22 @@ class SamplerManager:
                 self.samplers[sid] = sampler
             return {"type": "save_weights_for_sampler", "sampling_session_id": sid}
 
-        return run.worker.submit(task, seq)
+        return task
 
     def create(self, model_path: str | None, base_model: str | None) -> Sampler:
         sid = f"samp-{uuid.uuid4().hex[:16]}"
         if model_path:
             row = self.runs.resolve_checkpoint(model_path, None, "sampler")
-            base = self.store.one("SELECT base_model FROM runs WHERE id = ?", (row["run_id"],))
-            sampler = Sampler(sid, "path", base["base_model"], row["run_id"], row["path"])
+            base = self.runs.base_model(row["run_id"])
+            sampler = Sampler(sid, "path", base, row["run_id"], row["path"])
         elif base_model:
-            self.runs.engine_config(base_model, 0, None)  # validates the name
+            engine_config(base_model, 0, None)  # validates the name
             sampler = Sampler(sid, "base", base_model)
         else:
             raise BadRequest("give model_path or base_model")
-        self.store.insert(
-            "sampling_sessions", id=sid, kind=sampler.kind, run_id=sampler.run_id,
-            path=sampler.path, base_model=sampler.base_model, created=time.time(),
-        )  # fmt: skip
+        self.store.add_sampling_session(
+            sid, sampler.kind, sampler.run_id, sampler.path, sampler.base_model
+        )
         with self._lock:
             self.samplers[sid] = sampler
         return sampler
@@ -89,7 +89,7 @@ class SamplerManager:
         with self._lock:
             if sid in self.samplers:
                 return self.samplers[sid]
-        row = self.store.one("SELECT * FROM sampling_sessions WHERE id = ?", (sid,))
+        row = self.store.sampling_session(sid)
         if row is None:
             raise NotFound(f"unknown sampling session {sid!r} (snapshots do not survive a restart)")
         sampler = Sampler(row["id"], row["kind"], row["base_model"], row["run_id"], row["path"])
@@ -100,7 +100,7 @@ class SamplerManager:
     def validator(self, sampler: Sampler) -> InputValidator:
         if sampler.run_id is not None:
             return self.runs.validator(self.runs.get(sampler.run_id).config)
-        return self.runs.validator(self.runs.engine_config(sampler.base_model, 0, None))
+        return self.runs.validator(engine_config(sampler.base_model, 0, None))
 
     def sample(
         self,
@@ -120,7 +120,7 @@ class SamplerManager:
             )
         run = self.runs.get(sampler.run_id or "")
 
-        def task() -> SampleResult:
+        def task() -> SampleResponse:
             engine = self.runs.engine(run)
             if sampler.kind == "live":
                 return sample(engine, prompt, n, params, lps, last_n)

@@ -5,6 +5,10 @@ One file (``<data-dir>/server.db``) holds API keys (hashed), sessions, training 
 dir), jobs with their events, and promoted models. Tensors never go in here: they
 live in checkpoint directories, and the rows point at them.
 
+This is the only module that writes SQL: the rest of the server asks named questions
+(``run``, ``add_checkpoint``, ``next_queued_job``...), and a test fails if SQL appears
+anywhere else in the package (``tests/server/test_store.py``).
+
 One connection guarded by a lock: the server's writes are tiny and rare compared
 with a training step, and a single connection keeps SQLite's locking out of the way.
 """
@@ -15,8 +19,6 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,17 @@ CREATE TABLE IF NOT EXISTS sampling_sessions (
 """
 
 _JSON_COLUMNS = ("config", "meta", "user_metadata", "data", "source")
+# What a job's owner may change (``update_job``); id, kind and created never change.
+_JOB_COLUMNS = frozenset(
+    {"name", "state", "config", "run_dir", "model_id", "error", "exit_code", "updated"}
+)
+
+
+def _encoded(values: dict[str, Any]) -> tuple:
+    return tuple(
+        json.dumps(v) if k in _JSON_COLUMNS and not isinstance(v, str) else v
+        for k, v in values.items()
+    )
 
 
 def _row(cur: sqlite3.Cursor, values: tuple) -> dict[str, Any]:
@@ -79,48 +92,118 @@ class Store:
         with self._lock:
             self._db.close()
 
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-
-    def execute(self, sql: str, params: tuple = ()) -> int:
+    # ---- the only SQL: private helpers, then one named method per question ------------
+    def _execute(self, sql: str, params: tuple = ()) -> int:
         with self._lock:
             return self._db.execute(sql, params).rowcount
 
-    def one(self, sql: str, params: tuple = ()) -> dict[str, Any] | None:
+    def _one(self, sql: str, params: tuple = ()) -> dict[str, Any] | None:
         with self._lock:
             return self._db.execute(sql, params).fetchone()
 
-    def all(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
+    def _all(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
         with self._lock:
             return self._db.execute(sql, params).fetchall()
 
-    def insert(self, table: str, **values: Any) -> None:
+    def _count(self, sql: str, params: tuple = ()) -> int:
+        row = self._one(sql, params)
+        return int(row["n"]) if row else 0
+
+    def _insert(self, table: str, **values: Any) -> None:
         cols = ", ".join(values)
         marks = ", ".join("?" for _ in values)
-        encoded = tuple(
-            json.dumps(v) if k in _JSON_COLUMNS and not isinstance(v, str) else v
-            for k, v in values.items()
-        )
-        self.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks})", encoded)
+        self._execute(f"INSERT INTO {table} ({cols}) VALUES ({marks})", _encoded(values))
 
-    def update(self, table: str, key: dict[str, Any], **values: Any) -> int:
+    def _update(self, table: str, key: dict[str, Any], **values: Any) -> int:
         sets = ", ".join(f"{k} = ?" for k in values)
         where = " AND ".join(f"{k} = ?" for k in key)
-        encoded = tuple(
-            json.dumps(v) if k in _JSON_COLUMNS and not isinstance(v, str) else v
-            for k, v in values.items()
+        return self._execute(
+            f"UPDATE {table} SET {sets} WHERE {where}", _encoded(values) + tuple(key.values())
         )
-        return self.execute(
-            f"UPDATE {table} SET {sets} WHERE {where}", encoded + tuple(key.values())
+
+    # ---- API keys -------------------------------------------------------------------
+    def add_api_key(self, kid: str, salt: bytes, digest: bytes, label: str) -> None:
+        self._insert(
+            "api_keys", kid=kid, salt=salt, digest=digest, label=label, created=time.time()
         )
+
+    def api_key(self, kid: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM api_keys WHERE kid = ?", (kid,))
+
+    def api_keys(self) -> list[dict[str, Any]]:
+        """Every key's id, label, creation time and status (never its salt or digest)."""
+        return self._all("SELECT kid, label, created, revoked FROM api_keys ORDER BY created")
+
+    def active_key_count(self) -> int:
+        return self._count("SELECT COUNT(*) AS n FROM api_keys WHERE revoked = 0")
+
+    def revoke_api_key(self, kid: str) -> bool:
+        return bool(self._update("api_keys", {"kid": kid}, revoked=1))
+
+    # ---- sessions -------------------------------------------------------------------
+    def add_session(self, session_id: str, meta: dict[str, Any]) -> None:
+        now = time.time()
+        self._insert("sessions", id=session_id, created=now, last_seen=now, meta=meta)
+
+    def has_session(self, session_id: str) -> bool:
+        return self._one("SELECT id FROM sessions WHERE id = ?", (session_id,)) is not None
+
+    def touch_session(self, session_id: str, status: str | None = None) -> bool:
+        """Record a sign of life (and a new status); False for an unknown session."""
+        values: dict[str, Any] = {"last_seen": time.time()}
+        if status is not None:
+            values["status"] = status
+        return bool(self._update("sessions", {"id": session_id}, **values))
+
+    def session_count(self) -> int:
+        return self._count("SELECT COUNT(*) AS n FROM sessions")
+
+    # ---- runs -----------------------------------------------------------------------
+    def add_run(
+        self,
+        run_id: str,
+        *,
+        session_id: str | None,
+        job_id: str | None,
+        base_model: str,
+        lora_rank: int,
+        config: dict[str, Any],
+        run_dir: str,
+        user_metadata: dict[str, Any] | None,
+    ) -> None:
+        now = time.time()
+        self._insert(
+            "runs", id=run_id, session_id=session_id, job_id=job_id, base_model=base_model,
+            lora_rank=lora_rank, config=config, dir=run_dir, created=now, last_request=now,
+            user_metadata=user_metadata or {},
+        )  # fmt: skip
+
+    def run(self, run_id: str, include_deleted: bool = False) -> dict[str, Any] | None:
+        if include_deleted:
+            return self._one("SELECT * FROM runs WHERE id = ?", (run_id,))
+        return self._one("SELECT * FROM runs WHERE id = ? AND deleted = 0", (run_id,))
+
+    def runs_page(self, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
+        """(live runs, newest first, from ``offset``; how many live runs there are)."""
+        rows = self._all(
+            "SELECT * FROM runs WHERE deleted = 0 ORDER BY created DESC LIMIT ? OFFSET ?",
+            (limit, offset),
+        )
+        return rows, self._count("SELECT COUNT(*) AS n FROM runs WHERE deleted = 0")
+
+    def touch_run(self, run_id: str, step: int | None = None) -> None:
+        """A request reached the run (and, with ``step``, its optimizer is at that step)."""
+        values: dict[str, Any] = {"last_request": time.time()}
+        if step is not None:
+            values["step"] = step
+        self._update("runs", {"id": run_id}, **values)
+
+    def job_run_ids(self, job_id: str) -> list[str]:
+        return [r["id"] for r in self._all("SELECT id FROM runs WHERE job_id = ?", (job_id,))]
+
+    def delete_job_runs(self, job_id: str) -> None:
+        """Mark a job's runs deleted; their rows stay for the checkpoints that point at them."""
+        self._update("runs", {"job_id": job_id}, deleted=1)
 
     # ---- checkpoints ----------------------------------------------------------------
     def add_checkpoint(
@@ -134,7 +217,7 @@ class Store:
         step: int = 0,
         user_metadata: dict[str, Any] | None = None,
     ) -> None:
-        self.execute(
+        self._execute(
             "INSERT OR REPLACE INTO checkpoints (run_id, kind, name, path, checkpoint_type, "
             "step, created, user_metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -151,22 +234,88 @@ class Store:
 
     def checkpoints(self, run_id: str, kind: str | None = None) -> list[dict[str, Any]]:
         if kind is None:
-            return self.all(
+            return self._all(
                 "SELECT * FROM checkpoints WHERE run_id = ? ORDER BY created", (run_id,)
             )
-        return self.all(
+        return self._all(
             "SELECT * FROM checkpoints WHERE run_id = ? AND kind = ? ORDER BY created",
             (run_id, kind),
         )
+
+    def checkpoint(self, run_id: str, kind: str, name: str) -> dict[str, Any] | None:
+        return self._one(
+            "SELECT * FROM checkpoints WHERE run_id = ? AND kind = ? AND name = ?",
+            (run_id, kind, name),
+        )
+
+    def job_checkpoints(self, job_id: str, kind: str, name: str) -> list[dict[str, Any]]:
+        """The checkpoints called ``name`` in any run of the job."""
+        return self._all(
+            "SELECT c.* FROM checkpoints c JOIN runs r ON r.id = c.run_id "
+            "WHERE r.job_id = ? AND c.kind = ? AND c.name = ?",
+            (job_id, kind, name),
+        )
+
+    # ---- sampling sessions ----------------------------------------------------------
+    def add_sampling_session(
+        self, session_id: str, kind: str, run_id: str | None, path: str | None, base_model: str
+    ) -> None:
+        self._insert(
+            "sampling_sessions", id=session_id, kind=kind, run_id=run_id, path=path,
+            base_model=base_model, created=time.time(),
+        )  # fmt: skip
+
+    def sampling_session(self, session_id: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM sampling_sessions WHERE id = ?", (session_id,))
+
+    # ---- jobs -----------------------------------------------------------------------
+    def add_job(self, job_id: str, kind: str, name: str, state: str, config: dict) -> None:
+        now = time.time()
+        self._insert("jobs", id=job_id, kind=kind, name=name, state=state, config=config,
+                     created=now, updated=now)  # fmt: skip
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+
+    def jobs(self, kind: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
+        """Jobs, newest first, of one kind and in one state where given."""
+        where = {k: v for k, v in (("kind", kind), ("state", state)) if v}
+        sql = "SELECT * FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(f"{k} = ?" for k in where)
+        return self._all(sql + " ORDER BY created DESC", tuple(where.values()))
+
+    def next_queued_job(self) -> dict[str, Any] | None:
+        """The TOML job that has waited longest in the queue."""
+        return self._one(
+            "SELECT * FROM jobs WHERE state = 'queued' AND kind = 'toml' ORDER BY updated LIMIT 1"
+        )
+
+    def update_job(self, job_id: str, **values: Any) -> None:
+        unknown = set(values) - _JOB_COLUMNS
+        if unknown:
+            raise ValueError(f"jobs has no columns {sorted(unknown)}")
+        self._update("jobs", {"id": job_id}, **values)
+
+    # ---- promoted models ------------------------------------------------------------
+    def add_model(self, model_id: str, path: str, base_model: str, source: dict) -> None:
+        self._insert("models", id=model_id, path=path, base_model=base_model, source=source,
+                     created=time.time())  # fmt: skip
+
+    def model(self, model_id: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM models WHERE id = ?", (model_id,))
+
+    def models(self) -> list[dict[str, Any]]:
+        return self._all("SELECT * FROM models ORDER BY created")
 
     # ---- job events -----------------------------------------------------------------
     def add_event(
         self, job_id: str, type_: str, message: str, data: dict[str, Any] | None = None
     ) -> int:
         with self._lock:
-            row = self.one("SELECT MAX(seq) AS m FROM job_events WHERE job_id = ?", (job_id,))
+            row = self._one("SELECT MAX(seq) AS m FROM job_events WHERE job_id = ?", (job_id,))
             seq = (row["m"] if row and row["m"] is not None else 0) + 1
-            self.execute(
+            self._execute(
                 "INSERT INTO job_events (job_id, seq, time, type, message, data) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 (job_id, seq, time.time(), type_, message, json.dumps(data or {})),
@@ -174,7 +323,7 @@ class Store:
             return seq
 
     def events(self, job_id: str, after: int = 0, limit: int = 500) -> list[dict[str, Any]]:
-        return self.all(
+        return self._all(
             "SELECT seq, time, type, message, data FROM job_events "
             "WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
             (job_id, after, limit),

@@ -14,25 +14,18 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vlmtune.server.wire import BadRequest, FwdBwdInput, WireDatum, WireModelInput, WireText
+from vlmtune.engine import losses
+from vlmtune.protocol.bodies import FwdBwdInput
+from vlmtune.protocol.errors import BadRequest
+from vlmtune.protocol.wire import WireDatum, WireModelInput, WireText
 from vlmtune.types import Datum, EncodedTextChunk, ImageChunk, ModelInput, TensorData
 
-BUILTIN_LOSSES = ("cross_entropy", "importance_sampling", "ppo")
-_REQUIRED_INPUTS = {
-    "cross_entropy": ("target_tokens",),
-    "importance_sampling": ("target_tokens", "logprobs", "advantages"),
-    "ppo": ("target_tokens", "logprobs", "advantages"),
-}
-_KNOWN_INPUTS = ("target_tokens", "weights", "logprobs", "advantages")
-_LOSS_CONFIG_KEYS = {
-    "cross_entropy": (),
-    "importance_sampling": (),
-    "ppo": ("clip_low_threshold", "clip_high_threshold", "clip_low", "clip_high"),
-}
+if TYPE_CHECKING:
+    from vlmtune.models.vision import ImagePreprocessor
 
 
 @dataclass
@@ -65,7 +58,7 @@ class InputValidator:
         }
 
     @cached_property
-    def preprocessor(self) -> Any:
+    def preprocessor(self) -> ImagePreprocessor:
         from vlmtune.models.loading import load_processor
         from vlmtune.models.vision import ImagePreprocessor
 
@@ -119,14 +112,14 @@ class InputValidator:
         model_input = self.model_input(wire.model_input, f"{where}.model_input")
         n = model_input.length
         inputs = dict(wire.loss_fn_inputs)
-        missing = [k for k in _REQUIRED_INPUTS[loss_fn] if k not in inputs]
+        spec = losses.loss_spec(loss_fn)
+        missing = [k for k in spec.required_inputs if k not in inputs]
         if missing:
             raise BadRequest(f"{where}: loss {loss_fn!r} needs loss_fn_inputs {missing}")
-        unknown = sorted(set(inputs) - set(_KNOWN_INPUTS))
+        known = losses.known_inputs()
+        unknown = sorted(set(inputs) - set(known))
         if unknown:
-            raise BadRequest(
-                f"{where}: unknown loss_fn_inputs {unknown} (known: {list(_KNOWN_INPUTS)})"
-            )
+            raise BadRequest(f"{where}: unknown loss_fn_inputs {unknown} (known: {list(known)})")
         out: dict[str, TensorData] = {}
         for key, tensor in inputs.items():
             values = tensor.flat(f"{where}.loss_fn_inputs.{key}")
@@ -142,18 +135,19 @@ class InputValidator:
                 out[key] = TensorData(data=values.astype(np.int64).tolist(), dtype="int64")
             else:
                 out[key] = TensorData(data=values.astype(np.float32).tolist(), dtype="float32")
-        if loss_fn == "cross_entropy" and "weights" not in out:
-            out["weights"] = TensorData(data=[1.0] * n, dtype="float32")
+        for key, value in spec.fill.items():
+            if key not in out:
+                out[key] = TensorData(data=[value] * n, dtype="float32")
         return Datum(model_input=model_input, loss_fn_inputs=out)
 
     def forward_backward(self, body: FwdBwdInput) -> tuple[list[Datum], dict[str, float]]:
-        if body.loss_fn not in BUILTIN_LOSSES:
-            raise BadRequest(
-                f"unknown loss_fn {body.loss_fn!r}; this server has {list(BUILTIN_LOSSES)}"
-            )
+        try:
+            spec = losses.loss_spec(body.loss_fn)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
         config: dict[str, float] = {}
         for key, value in (body.loss_fn_config or {}).items():
-            if key not in _LOSS_CONFIG_KEYS[body.loss_fn]:
+            if key not in spec.config_keys:
                 raise BadRequest(f"loss_fn_config: unknown key {key!r} for {body.loss_fn}")
             if not isinstance(value, float | int) or not math.isfinite(value):
                 raise BadRequest(f"loss_fn_config.{key}: must be a finite number")

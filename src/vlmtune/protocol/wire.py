@@ -1,8 +1,11 @@
-"""Request bodies on the wire: pydantic models of Tinker's JSON shapes.
+"""JSON shapes on the wire, as pydantic models, and the SDK's encoders for them.
 
-They also take the dicts ``proto.py`` decodes, and ignore fields this server does not
-use. Shape and type errors become one ``BadRequest`` naming every field at fault;
-``validate.py`` then checks the content against the run's model.
+The server reads request bodies through these models (they also take the dicts
+``proto.py`` decodes, and ignore fields this server does not use); shape and type
+errors become one ``BadRequest`` naming every field at fault, and the server's
+``validate.py`` then checks the content against the run's model. The SDK writes its
+requests with ``WireDatum.of`` and friends and reads results with the ``*_from_json``
+functions, so each shape is spelled once, here.
 """
 
 from __future__ import annotations
@@ -11,30 +14,41 @@ import base64
 import binascii
 import json
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+)
 
+from vlmtune.protocol.errors import BadRequest
 from vlmtune.types import (
     AdamParams,
+    Datum,
+    EncodedTextChunk,
+    ForwardBackwardOutput,
+    ModelInput,
+    SampleResponse,
     SamplingParams,
+    TensorData,
 )
 
 
-class BadRequest(ValueError):
-    """A client error: becomes HTTP 400 (or a failed future with category ``user``)."""
+class WireModel(BaseModel):
+    """Base of every body: unknown fields are ignored (clients send more than we read)."""
 
-
-class NotFound(LookupError):
-    """An unknown id: becomes HTTP 404."""
-
-
-class _Wire(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
 
-def parse_body(raw: bytes | dict[str, Any], model: type[_Wire]) -> Any:
+M = TypeVar("M", bound=WireModel)
+
+
+def parse_body(raw: bytes | dict[str, Any], model: type[M]) -> M:
     """Bytes (or a decoded dict) -> ``model``, or ``BadRequest`` naming every problem."""
     if isinstance(raw, bytes | bytearray):
         try:
@@ -54,12 +68,12 @@ def parse_body(raw: bytes | dict[str, Any], model: type[_Wire]) -> Any:
 
 
 # ---- model input ---------------------------------------------------------------------
-class WireText(_Wire):
+class WireText(WireModel):
     type: Literal["encoded_text"] = "encoded_text"
     tokens: list[int]
 
 
-class WireImage(_Wire):
+class WireImage(WireModel):
     type: Literal["image"]
     data: bytes
     format: str = "png"
@@ -75,17 +89,39 @@ class WireImage(_Wire):
                 raise ValueError("image data is not valid base64") from None
         return value
 
+    @field_serializer("data")
+    def _b64_out(self, data: bytes) -> str:
+        return base64.b64encode(data).decode()
 
-class WireModelInput(_Wire):
+
+class WireModelInput(WireModel):
     chunks: list[Annotated[WireText | WireImage, Field(discriminator="type")]]
 
+    @classmethod
+    def of(cls, model_input: ModelInput) -> WireModelInput:
+        return cls(
+            chunks=[
+                WireText(tokens=c.tokens)
+                if isinstance(c, EncodedTextChunk)
+                else WireImage(
+                    type="image", data=c.data, format=c.format, expected_tokens=c.expected_tokens
+                )
+                for c in model_input.chunks
+            ]
+        )
 
-class WireTensor(_Wire):
-    data: list[float]
+
+class WireTensor(WireModel):
+    data: list[float] | list[int]  # as ``TensorData``: token ids stay integers in JSON
     dtype: Literal["float32", "int64"]
     shape: list[int] | None = None
     sparse_crow_indices: list[int] | None = None
     sparse_col_indices: list[int] | None = None
+
+    @classmethod
+    def of(cls, tensor: TensorData) -> WireTensor:
+        # Flat, without the shape: loss inputs are 1-D whatever shape the tensor carries.
+        return cls(data=tensor.data, dtype=tensor.dtype)
 
     def flat(self, where: str) -> np.ndarray:
         """The values as a 1-D array (sparse CSR densified with zeros)."""
@@ -122,26 +158,20 @@ class WireTensor(_Wire):
         return values
 
 
-class WireDatum(_Wire):
+class WireDatum(WireModel):
     model_input: WireModelInput
     loss_fn_inputs: dict[str, WireTensor] = Field(default_factory=dict)
 
-
-# ---- request bodies ------------------------------------------------------------------
-class FwdBwdInput(_Wire):
-    data: list[WireDatum] = Field(min_length=1)
-    loss_fn: str = "cross_entropy"
-    loss_fn_config: dict[str, float | str] | None = None
-
-
-class ForwardBackwardBody(_Wire):
-    model_id: str
-    seq_id: int | None = None
-    forward_backward_input: FwdBwdInput
-    forward_only: bool = False
+    @classmethod
+    def of(cls, datum: Datum) -> WireDatum:
+        return cls(
+            model_input=WireModelInput.of(datum.model_input),
+            loss_fn_inputs={k: WireTensor.of(v) for k, v in datum.loss_fn_inputs.items()},
+        )
 
 
-class WireAdam(_Wire):
+# ---- hyperparameters -----------------------------------------------------------------
+class WireAdam(WireModel):
     learning_rate: float = 1e-4
     beta1: float = 0.9
     beta2: float = 0.95
@@ -162,65 +192,7 @@ class WireAdam(_Wire):
         return AdamParams(**v)
 
 
-class OptimStepBody(_Wire):
-    model_id: str
-    seq_id: int | None = None
-    adam_params: WireAdam | None = None
-    optim_params: WireAdam | None = None
-    optimizer_params: dict[str, Any] | None = None
-
-    def params(self) -> AdamParams:
-        if self.optimizer_params is not None:
-            raise BadRequest("this server only has the AdamW optimizer (send adam_params)")
-        return (self.adam_params or self.optim_params or WireAdam()).to_adam()
-
-
-class LoraWire(_Wire):
-    rank: int = Field(ge=0, le=1024)
-    seed: int | None = None
-
-
-class CreateModelBody(_Wire):
-    session_id: str
-    model_seq_id: int = Field(ge=0)
-    base_model: str
-    lora_config: LoraWire | None = None
-    user_metadata: dict[str, Any] | None = None
-    optimizer_config: dict[str, Any] | None = None
-    engine: dict[str, Any] | None = None  # vlmtune extension: EngineConfig overrides
-
-
-class SaveWeightsBody(_Wire):
-    model_id: str
-    path: str | None = None
-    seq_id: int | None = None
-    overwrite: bool = False
-    user_metadata: dict[str, Any] | None = None
-    extra: dict[str, Any] | None = None  # vlmtune extension: returned by load_state
-
-
-class SaveSamplerBody(_Wire):
-    model_id: str
-    path: str | None = None
-    seq_id: int | None = None
-    sampling_session_seq_id: int | None = None
-    kind: Literal["snapshot", "inflight"] = "snapshot"
-    checkpoint_type: Literal["base", "merged"] = "base"  # vlmtune extension
-    user_metadata: dict[str, Any] | None = None
-
-
-class LoadWeightsBody(_Wire):
-    model_id: str | None = None
-    seq_id: int | None = None
-    session_id: str | None = None
-    model_seq_id: int | None = None
-    base_model: str | None = None
-    path: str
-    optimizer: bool = True
-    user_metadata: dict[str, Any] | None = None
-
-
-class WireSamplingParams(_Wire):
+class WireSamplingParams(WireModel):
     max_tokens: int | None = Field(None, ge=1, le=8192)
     seed: int | None = Field(None, ge=0)
     stop: str | list[str] | list[int] | None = None
@@ -242,28 +214,31 @@ class WireSamplingParams(_Wire):
         )
 
 
-class SampleBody(_Wire):
-    sampling_session_id: str | None = None
-    base_model: str | None = None
-    model_path: str | None = None
-    seq_id: int | None = None
-    num_samples: int = Field(1, ge=1, le=128)
-    prompt: WireModelInput
-    sampling_params: WireSamplingParams = Field(default_factory=WireSamplingParams)
-    prompt_logprobs: bool | None = None
-    prompt_logprobs_last_n: int | None = Field(None, ge=1)
-    topk_prompt_logprobs: int = 0
-    topk_sample_logprobs: int = 0
-    target_prompt_logprobs: Any = None
-    prompt_alt_tokens_k: int = 0
+# ---- results -------------------------------------------------------------------------
+def tinker_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Names as ``name:reduction`` (the client splits on the one colon to combine chunks)."""
+    out = {}
+    for key, value in metrics.items():
+        out[key if key.count(":") == 1 else key.replace(":", "_") + ":mean"] = float(value)
+    return out
 
-    def check_supported(self) -> None:
-        unsupported = [
-            name
-            for name in ("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k")
-            if getattr(self, name)
-        ]
-        if self.target_prompt_logprobs is not None:
-            unsupported.append("target_prompt_logprobs")
-        if unsupported:
-            raise BadRequest(f"not supported by this server: {', '.join(unsupported)}")
+
+def forward_backward_json(out: ForwardBackwardOutput) -> dict[str, Any]:
+    return {
+        "loss_fn_output_type": "TensorData",
+        "metrics": tinker_metrics(out.metrics),
+        "loss_fn_outputs": [{k: t.model_dump() for k, t in o.items()} for o in out.loss_fn_outputs],
+    }
+
+
+def forward_backward_from_json(raw: dict[str, Any]) -> ForwardBackwardOutput:
+    outputs = [{k: TensorData(**v) for k, v in o.items()} for o in raw["loss_fn_outputs"]]
+    return ForwardBackwardOutput(loss_fn_outputs=outputs, metrics=raw.get("metrics", {}))
+
+
+def sample_json(response: SampleResponse) -> dict[str, Any]:
+    return {"type": "sample", **response.model_dump()}
+
+
+def sample_from_json(raw: dict[str, Any]) -> SampleResponse:
+    return SampleResponse(sequences=raw["sequences"], prompt_logprobs=raw.get("prompt_logprobs"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,7 @@ def _fields(buf: bytes) -> dict[int, list[Any]]:
         num, wire = key >> 3, key & 7
         if num == 0:
             raise ProtoError("field number 0")
+        value: int | bytes
         if wire == 0:
             value, pos = _varint(buf, pos)
         elif wire in (1, 5):
@@ -226,7 +228,7 @@ def _double(num: int, value: float) -> bytes:
 
 
 def encode_forward_backward_output(
-    outputs: list[dict[str, list[float]]], metrics: dict[str, float]
+    outputs: Sequence[Mapping[str, Sequence[float]]], metrics: Mapping[str, float]
 ) -> bytes:
     """Per-datum float outputs as one batched ``ArrayRecord``, plus the metrics."""
     record = bytearray(_len(1, b"") + _vint(3, len(outputs)))
@@ -247,8 +249,8 @@ def encode_forward_backward_output(
 
 
 def encode_sample_response(
-    sequences: list[tuple[list[int], list[float] | None, str]],
-    prompt_logprobs: list[float | None] | None = None,
+    sequences: Sequence[tuple[Sequence[int], Sequence[float] | None, str]],
+    prompt_logprobs: Sequence[float | None] | None = None,
 ) -> bytes:
     """``(tokens, logprobs, stop_reason)`` per sequence; ``None`` prompt logprobs -> NaN."""
     out = bytearray()

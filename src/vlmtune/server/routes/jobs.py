@@ -13,15 +13,14 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
-from vlmtune.server.context import SafeJSON, ctx
+from vlmtune.protocol.wire import WireModel
+from vlmtune.server.context import SafeJSON, body_of, ctx
 from vlmtune.server.jobs import TERMINAL, resolve_profile
-from vlmtune.server.tinker_api import body_of
-from vlmtune.server.wire import _Wire
 
 router = APIRouter()
 
 
-class TrainerJobBody(_Wire):
+class TrainerJobBody(WireModel):
     base_model: str
     lora_rank: int = 16
     learning_rate: float = 1e-4
@@ -30,14 +29,14 @@ class TrainerJobBody(_Wire):
     training_shape_ref: str | None = None
 
 
-class TomlJobBody(_Wire):
+class TomlJobBody(WireModel):
     config_toml: str
     type: str = "sft"
     overrides: list[str] = []
     name: str | None = None
 
 
-class PromoteBody(_Wire):
+class PromoteBody(WireModel):
     checkpoint_id: str = "final"
     output_model_id: str
 
@@ -65,14 +64,14 @@ def job_json(request: Request, row: dict[str, Any]) -> dict[str, Any]:
 
 @router.post("/v1/jobs/trainer")
 async def create_trainer_job(request: Request) -> SafeJSON:
-    body: TrainerJobBody = await body_of(request, TrainerJobBody)
+    body = await body_of(request, TrainerJobBody)
     row = await run_in_threadpool(ctx(request).jobs.create_trainer, body.model_dump())
     return SafeJSON(job_json(request, row))
 
 
 @router.post("/v1/jobs")
 async def submit_toml_job(request: Request) -> SafeJSON:
-    body: TomlJobBody = await body_of(request, TomlJobBody)
+    body = await body_of(request, TomlJobBody)
     c = ctx(request)
     row = await run_in_threadpool(
         c.jobs.submit_toml, body.config_toml, body.type, body.overrides, body.name
@@ -126,7 +125,7 @@ async def delete_job(job_id: str, request: Request) -> SafeJSON:
 
 @router.post("/v1/jobs/{job_id}/promote")
 async def promote(job_id: str, request: Request) -> SafeJSON:
-    body: PromoteBody = await body_of(request, PromoteBody)
+    body = await body_of(request, PromoteBody)
     row = await run_in_threadpool(
         ctx(request).jobs.promote, job_id, body.checkpoint_id, body.output_model_id
     )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -18,10 +17,14 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
-from vlmtune.server.context import SafeJSON, ctx
-from vlmtune.server.runs import tinker_path
-from vlmtune.server.tinker_api import ModelIdBody, body_of
-from vlmtune.server.wire import BadRequest, NotFound, _Wire
+from vlmtune.defaults import image_cap
+from vlmtune.protocol.bodies import ModelIdBody, SamplingSessionBody, SessionBody
+from vlmtune.protocol.errors import BadRequest, NotFound
+from vlmtune.protocol.paths import checkpoint_id, tinker_path
+from vlmtune.protocol.wire import WireModel
+from vlmtune.server.catalog import available_base_models
+from vlmtune.server.context import SafeJSON, ServerContext, body_of, ctx
+from vlmtune.server.run_config import engine_config
 
 router = APIRouter()
 
@@ -38,18 +41,7 @@ CLIENT_CONFIG = {
 }
 
 
-class SessionBody(_Wire):
-    session_id: str
-
-
-class SamplingSessionBody(_Wire):
-    session_id: str | None = None
-    sampling_session_seq_id: int | None = None
-    base_model: str | None = None
-    model_path: str | None = None
-
-
-class ImageTokenBody(_Wire):
+class ImageTokenBody(WireModel):
     base_model: str | None = None
     model_id: str | None = None
     min_pixels: int | None = None
@@ -85,28 +77,23 @@ async def telemetry() -> SafeJSON:
 
 @router.post("/api/v1/create_session")
 async def create_session(request: Request) -> SafeJSON:
-    now = time.time()
     sid = f"sess-{uuid.uuid4().hex[:16]}"
     raw = await request.body()
-    ctx(request).store.insert(
-        "sessions", id=sid, created=now, last_seen=now, meta={"bytes": len(raw)}
-    )
+    ctx(request).store.add_session(sid, {"bytes": len(raw)})
     return SafeJSON({"type": "create_session", "session_id": sid})
 
 
 @router.post("/api/v1/session_heartbeat")
 async def session_heartbeat(request: Request) -> SafeJSON:
-    body: SessionBody = await body_of(request, SessionBody)
-    if not ctx(request).store.update("sessions", {"id": body.session_id}, last_seen=time.time()):
+    body = await body_of(request, SessionBody)
+    if not ctx(request).store.touch_session(body.session_id):
         raise NotFound(f"unknown session {body.session_id!r}")
     return SafeJSON({"type": "session_heartbeat"})
 
 
 @router.post("/api/v1/sessions/{session_id}/finish")
 async def finish_session(session_id: str, request: Request) -> SafeJSON:
-    ctx(request).store.update(
-        "sessions", {"id": session_id}, status="finished", last_seen=time.time()
-    )
+    ctx(request).store.touch_session(session_id, status="finished")
     return SafeJSON({})
 
 
@@ -128,39 +115,16 @@ async def capabilities(request: Request) -> SafeJSON:
     )
 
 
-_AVAILABLE: tuple[float, list[tuple[str, int | None]]] = (0.0, [])
-
-
-def available_base_models() -> list[tuple[str, int | None]]:
-    """Registry models whose weights are on this machine (the server never downloads).
-
-    Cached for a minute: looking in the Hugging Face cache costs a few file lookups
-    per model, and ``/v1/models`` may be polled.
-    """
-    global _AVAILABLE
-    from vlmtune.models.loading import resolve_model_path
-    from vlmtune.models.registry import list_models
-
-    if time.monotonic() - _AVAILABLE[0] < 60:
-        return _AVAILABLE[1]
-    out = []
-    for spec in list_models():
-        try:
-            resolve_model_path(spec.name)
-        except (FileNotFoundError, OSError, ValueError):
-            continue
-        out.append((spec.name, 4096 if spec.min_gpus == 0 else 262144))
-    _AVAILABLE = (time.monotonic(), out)
-    return out
-
-
 @router.post("/api/v1/create_sampling_session")
 async def create_sampling_session(request: Request) -> SafeJSON:
     c = ctx(request)
-    body: SamplingSessionBody = await body_of(request, SamplingSessionBody)
+    body = await body_of(request, SamplingSessionBody)
     sampler = await run_in_threadpool(c.samplers.create, body.model_path, body.base_model)
     validator = await run_in_threadpool(c.samplers.validator, sampler)
-    cap = c.runs.get(sampler.run_id).config.max_images_per_message if sampler.run_id else 1
+    configured = (
+        c.runs.get(sampler.run_id).config.max_images_per_message if sampler.run_id else None
+    )
+    cap = image_cap(sampler.base_model, configured)  # resolved (null: no cap), as get_info
     return SafeJSON(
         {
             "type": "create_sampling_session",
@@ -184,7 +148,7 @@ async def get_sampler(sampler_id: str, request: Request) -> SafeJSON:
 
 def _checkpoint_json(row: dict[str, Any]) -> dict[str, Any]:
     return {
-        "checkpoint_id": f"{'weights' if row['kind'] == 'training' else 'sampler_weights'}/{row['name']}",
+        "checkpoint_id": checkpoint_id(row["kind"], row["name"]),
         "checkpoint_type": row["kind"],
         "time": _iso(row["created"]),
         "tinker_path": tinker_path(row["run_id"], row["kind"], row["name"]),
@@ -194,7 +158,7 @@ def _checkpoint_json(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _run_json(c: Any, row: dict[str, Any]) -> dict[str, Any]:
+def _run_json(c: ServerContext, row: dict[str, Any]) -> dict[str, Any]:
     ckpts = c.store.checkpoints(row["id"])
     last = {
         k: next((x for x in reversed(ckpts) if x["kind"] == k), None)
@@ -222,11 +186,7 @@ def _run_json(c: Any, row: dict[str, Any]) -> dict[str, Any]:
 @router.get("/api/v1/training_runs")
 async def list_runs(request: Request, limit: int = 20, offset: int = 0) -> SafeJSON:
     c = ctx(request)
-    rows = c.store.all(
-        "SELECT * FROM runs WHERE deleted = 0 ORDER BY created DESC LIMIT ? OFFSET ?",
-        (limit, offset),
-    )
-    total = c.store.one("SELECT COUNT(*) AS n FROM runs WHERE deleted = 0")["n"]
+    rows, total = c.store.runs_page(limit, offset)
     return SafeJSON(
         {
             "training_runs": [_run_json(c, r) for r in rows],
@@ -238,7 +198,7 @@ async def list_runs(request: Request, limit: int = 20, offset: int = 0) -> SafeJ
 @router.get("/api/v1/training_runs/{run_id}")
 async def get_run(run_id: str, request: Request) -> SafeJSON:
     c = ctx(request)
-    row = c.store.one("SELECT * FROM runs WHERE id = ? AND deleted = 0", (run_id,))
+    row = c.store.run(run_id)
     if row is None:
         raise NotFound(f"unknown training run {run_id!r}")
     return SafeJSON(_run_json(c, row))
@@ -247,7 +207,7 @@ async def get_run(run_id: str, request: Request) -> SafeJSON:
 @router.get("/api/v1/training_runs/{run_id}/checkpoints")
 async def list_checkpoints(run_id: str, request: Request) -> SafeJSON:
     c = ctx(request)
-    if c.store.one("SELECT id FROM runs WHERE id = ?", (run_id,)) is None:
+    if c.store.run(run_id, include_deleted=True) is None:
         raise NotFound(f"unknown training run {run_id!r}")
     return SafeJSON(
         {"checkpoints": [_checkpoint_json(r) for r in c.store.checkpoints(run_id)], "cursor": None}
@@ -256,7 +216,7 @@ async def list_checkpoints(run_id: str, request: Request) -> SafeJSON:
 
 @router.post("/api/v1/unload_model")
 async def unload_model(request: Request) -> SafeJSON:
-    body: ModelIdBody = await body_of(request, ModelIdBody)
+    body = await body_of(request, ModelIdBody)
     ctx(request).runs.unload(body.model_id)  # its checkpoints stay; it reloads on next use
     return SafeJSON({"type": "unload_model", "model_id": body.model_id})
 
@@ -266,14 +226,14 @@ async def unload_model(request: Request) -> SafeJSON:
 async def image_token_count(request: Request) -> SafeJSON:
     """How many ``<|image_pad|>`` tokens each image becomes for a run or a base model."""
     c = ctx(request)
-    body: ImageTokenBody = await body_of(request, ImageTokenBody)
+    body = await body_of(request, ImageTokenBody)
     if body.model_id is not None:
         config = c.runs.get(body.model_id).config
     elif body.base_model is not None:
         overrides = {
             k: v for k, v in (("min_pixels", body.min_pixels), ("max_pixels", body.max_pixels)) if v
         }
-        config = await run_in_threadpool(c.runs.engine_config, body.base_model, 0, overrides)
+        config = await run_in_threadpool(engine_config, body.base_model, 0, overrides)
     else:
         raise BadRequest("give model_id (a training run) or base_model")
     validator = await run_in_threadpool(c.runs.validator, config)

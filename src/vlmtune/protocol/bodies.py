@@ -1,0 +1,156 @@
+"""Request bodies of the Tinker routes (and vlmtune's additions to them).
+
+Field names and defaults are Tinker's; a comment marks each vlmtune extension. The
+SDK writes the forward-pass body with ``forward_backward_body``; the server reads
+every body with ``wire.parse_body``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from pydantic import Field
+
+from vlmtune.protocol.errors import BadRequest
+from vlmtune.protocol.wire import WireAdam, WireDatum, WireModel, WireModelInput, WireSamplingParams
+from vlmtune.types import AdamParams, Datum
+
+
+class ModelIdBody(WireModel):
+    model_id: str
+
+
+class RetrieveBody(WireModel):
+    request_id: str
+    allow_metadata_only: bool = False
+
+
+class SessionBody(WireModel):
+    session_id: str
+
+
+class SamplingSessionBody(WireModel):
+    session_id: str | None = None
+    sampling_session_seq_id: int | None = None
+    base_model: str | None = None
+    model_path: str | None = None
+
+
+class FwdBwdInput(WireModel):
+    data: list[WireDatum] = Field(min_length=1)
+    loss_fn: str = "cross_entropy"
+    loss_fn_config: dict[str, float | str] | None = None
+
+
+class ForwardBackwardBody(WireModel):
+    model_id: str
+    seq_id: int | None = None
+    forward_backward_input: FwdBwdInput
+    forward_only: bool = False
+
+
+class OptimStepBody(WireModel):
+    model_id: str
+    seq_id: int | None = None
+    adam_params: WireAdam | None = None
+    optim_params: WireAdam | None = None
+    optimizer_params: dict[str, Any] | None = None
+
+    def params(self) -> AdamParams:
+        if self.optimizer_params is not None:
+            raise BadRequest("this server only has the AdamW optimizer (send adam_params)")
+        return (self.adam_params or self.optim_params or WireAdam()).to_adam()
+
+
+class LoraWire(WireModel):
+    rank: int = Field(ge=0, le=1024)
+    seed: int | None = None
+
+
+class CreateModelBody(WireModel):
+    session_id: str
+    model_seq_id: int = Field(ge=0)
+    base_model: str
+    lora_config: LoraWire | None = None
+    user_metadata: dict[str, Any] | None = None
+    optimizer_config: dict[str, Any] | None = None
+    engine: dict[str, Any] | None = None  # vlmtune extension: EngineConfig overrides
+
+
+class SaveWeightsBody(WireModel):
+    model_id: str
+    path: str | None = None
+    seq_id: int | None = None
+    overwrite: bool = False
+    user_metadata: dict[str, Any] | None = None
+    extra: dict[str, Any] | None = None  # vlmtune extension: returned by load_state
+
+
+class SaveSamplerBody(WireModel):
+    model_id: str
+    path: str | None = None
+    seq_id: int | None = None
+    sampling_session_seq_id: int | None = None
+    kind: Literal["snapshot", "inflight"] = "snapshot"
+    checkpoint_type: Literal["base", "merged"] = "base"  # vlmtune extension
+    user_metadata: dict[str, Any] | None = None
+
+
+class LoadWeightsBody(WireModel):
+    model_id: str | None = None
+    seq_id: int | None = None
+    session_id: str | None = None
+    model_seq_id: int | None = None
+    base_model: str | None = None
+    path: str
+    optimizer: bool = True
+    user_metadata: dict[str, Any] | None = None
+
+
+class SampleBody(WireModel):
+    sampling_session_id: str | None = None
+    base_model: str | None = None
+    model_path: str | None = None
+    seq_id: int | None = None
+    num_samples: int = Field(1, ge=1, le=128)
+    prompt: WireModelInput
+    sampling_params: WireSamplingParams = Field(default_factory=WireSamplingParams)
+    prompt_logprobs: bool | None = None
+    prompt_logprobs_last_n: int | None = Field(None, ge=1)
+    topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0
+    target_prompt_logprobs: Any = None
+    prompt_alt_tokens_k: int = 0
+
+    def check_supported(self) -> None:
+        unsupported = [
+            name
+            for name in ("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k")
+            if getattr(self, name)
+        ]
+        if self.target_prompt_logprobs is not None:
+            unsupported.append("target_prompt_logprobs")
+        if unsupported:
+            raise BadRequest(f"not supported by this server: {', '.join(unsupported)}")
+
+
+def forward_backward_body(
+    data: Sequence[Datum],
+    loss_fn: str,
+    loss_fn_config: dict[str, Any] | None,
+    forward_only: bool = False,
+) -> dict[str, Any]:
+    """The JSON of a ``ForwardBackwardBody`` (the SDK adds ``model_id``).
+
+    Built as a plain dict, not validated here: a request the server refuses comes back
+    as its 400, the same from every client.
+    """
+    return {
+        "forward_only": forward_only,
+        "forward_backward_input": {
+            "data": [WireDatum.of(d).model_dump(exclude_none=True) for d in data],
+            "loss_fn": loss_fn,
+            "loss_fn_config": loss_fn_config,
+        },
+    }

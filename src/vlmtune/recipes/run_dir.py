@@ -1,0 +1,113 @@
+"""A run's directory: every file a recipe writes there, from the main process only,
+each one whole or not at all.
+
+    config.toml              the job as it ran (vision defaults applied)
+    validation_report.json   {"train": ValidationReport, "validation": ...}: what was kept
+    metrics.jsonl            one JSON object per optimizer step or eval (MetricsLog)
+    summary.json             the run's final numbers
+    checkpoints/step-N.remote, reference_logps.json, ...   (``write_text``/``write_json``)
+
+Under torchrun every rank runs the same loop and computes the same records; only
+rank 0 writes, or N ranks would write every file N times (and race on it). A reader
+(``vlmtune serve`` following a job, a user's ``cat``) never sees half a file: each
+is written beside its target and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from vlmtune.atomic import atomic_write
+from vlmtune.config import JobFile, dump_toml
+from vlmtune.data.report import ValidationReport
+from vlmtune.engine.distributed import is_main_process
+
+CONFIG_FILE = "config.toml"
+REPORT_FILE = "validation_report.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+class RunDir:
+    """The run directory ``path``; writes happen on the main process alone (``main``,
+    default: rank 0 of torchrun, or this process when there is no torchrun)."""
+
+    def __init__(self, path: Path, main: bool | None = None) -> None:
+        self.path = path
+        self.main = is_main_process() if main is None else main
+        # Every rank: checkpoint shards are written into it by all of them.
+        path.mkdir(parents=True, exist_ok=True)
+
+    def write_text(self, name: str, text: str) -> None:
+        """``name`` (relative to the run directory) holds ``text``; its folder is made."""
+        if not self.main:
+            return
+        target = self.path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(target) as f:
+            f.write(text)
+
+    def write_json(self, name: str, data: Any, indent: int | None = 2) -> None:
+        self.write_text(name, json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
+
+    def write_config(self, job: JobFile) -> None:
+        """``config.toml``: the job as it runs, a file ``vlmtune train`` runs again."""
+        self.write_text(CONFIG_FILE, dump_toml(job))
+
+    def write_report(self, train: ValidationReport, validation: ValidationReport | None) -> None:
+        """``validation_report.json``: the rows each file kept and dropped, and why."""
+        report = {"train": train.to_dict()}
+        if validation is not None:
+            report["validation"] = validation.to_dict()
+        self.write_json(REPORT_FILE, report)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        self.write_json(SUMMARY_FILE, summary)
+
+    def metrics(self, resume_step: int | None, total_steps: int | None = None) -> MetricsLog:
+        """The run's ``metrics.jsonl``, cut back to ``resume_step`` on a resume."""
+        return MetricsLog(self.path / METRICS_FILE, resume_step, total_steps, self.main)
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per step or eval; on resume, later lines are cut.
+
+    With ``total_steps`` every record says how many steps the run has, so a reader of
+    the file alone (the server following a job) can show "step 3/10". Records are
+    appended one whole line at a time; a reader takes only lines that end in a newline.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        resume_step: int | None = None,
+        total_steps: int | None = None,
+        main: bool | None = None,
+    ) -> None:
+        self.path = path
+        self.total_steps = total_steps
+        # other ranks compute the same records
+        self.enabled = is_main_process() if main is None else main
+        if not self.enabled:
+            return
+        if resume_step is not None and path.exists():
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
+            with atomic_write(path) as f:
+                f.write("".join(f"{line}\n" for line in kept))
+        elif resume_step is None:
+            with atomic_write(path) as f:
+                f.write("")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self.total_steps is not None and "step" in record:
+            record = {"step": record["step"], "total_steps": self.total_steps, **record}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")

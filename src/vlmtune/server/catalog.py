@@ -1,0 +1,89 @@
+"""The models this server serves for chat: promoted ones and the base models on this machine.
+
+A checkpoint becomes a model by promotion: a row in the store that points at its
+directory (a job's ``final/``, or a sampler checkpoint of a trainer job's run). A
+base model is served when its weights are on this machine (the server never
+downloads). ``/v1/models`` lists both; ``/v1/chat/completions`` names one.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vlmtune.engine.engine import TrainingEngine
+from vlmtune.protocol.errors import BadRequest, NotFound
+from vlmtune.server.inference import load_inference_engine
+from vlmtune.server.run_config import engine_config
+from vlmtune.server.store import Store
+
+MODEL_ID_RE = re.compile(r"^[a-z0-9-]{1,63}$")
+_AVAILABLE: tuple[float, list[tuple[str, int | None]]] = (0.0, [])
+
+
+def available_base_models() -> list[tuple[str, int | None]]:
+    """(name, context length) of the registry models whose weights are on this machine.
+
+    Cached for a minute: looking in the Hugging Face cache costs a few file lookups
+    per model, and ``/v1/models`` may be polled.
+    """
+    global _AVAILABLE
+    from vlmtune.models.loading import resolve_model_path
+    from vlmtune.models.registry import list_models
+
+    if time.monotonic() - _AVAILABLE[0] < 60:
+        return _AVAILABLE[1]
+    out: list[tuple[str, int | None]] = []
+    for spec in list_models():
+        try:
+            resolve_model_path(spec.name)
+        except (FileNotFoundError, OSError, ValueError):
+            continue
+        out.append((spec.name, 4096 if spec.min_gpus == 0 else 262144))
+    _AVAILABLE = (time.monotonic(), out)
+    return out
+
+
+def model_name(text: str) -> str:
+    """A valid model id made from free text (a job's name)."""
+    name = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:63].strip("-")
+    return name or "model"
+
+
+def unique_model_id(store: Store, name: str) -> str:
+    """``name``, or ``name-2``, ``name-3``... whichever is free."""
+    candidate, n = name, 1
+    while store.model(candidate):
+        n += 1
+        candidate = f"{name[: 63 - len(str(n)) - 1]}-{n}"
+    return candidate
+
+
+def check_new_model_id(store: Store, model_id: str) -> None:
+    if not MODEL_ID_RE.match(model_id):
+        raise BadRequest(f"model id {model_id!r}: use 1-63 characters of a-z, 0-9 and -")
+    if store.model(model_id):
+        raise BadRequest(f"model {model_id!r} already exists")
+
+
+def add_model(
+    store: Store, model_id: str, path: Path, base_model: str, source: dict[str, Any]
+) -> dict[str, Any]:
+    """Promote ``path`` (weights, or an adapter over ``base_model``) as ``model_id``."""
+    store.add_model(model_id, str(path), base_model, source)
+    return store.model(model_id) or {}
+
+
+def resolve(store: Store, model: str) -> tuple[str, Callable[[], TrainingEngine]]:
+    """(pool key, loader) for a promoted model id or a base model name."""
+    row = store.model(model)
+    if row is not None:
+        return row["path"], lambda: load_inference_engine(row["path"], row["base_model"] or None)
+    try:
+        engine_config(model, 0, None)
+    except BadRequest:
+        raise NotFound(f"model {model!r} does not exist (GET /v1/models lists them)") from None
+    return f"base:{model}", lambda: load_inference_engine(model)

@@ -1,0 +1,115 @@
+"""OpenAI-compatible deployment sampling: ``GET /v1/models``, ``POST /v1/chat/completions``.
+
+Serves promoted models and the base models on this machine, so any OpenAI client
+(and ``vlmtune eval --server``) can evaluate a fine-tuned model. ``chat.py`` turns the
+messages into a prompt exactly as in training and generates; ``catalog.py`` says which
+model a name is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from pydantic import Field
+
+from vlmtune.protocol.errors import BadRequest
+from vlmtune.protocol.wire import WireModel
+from vlmtune.server import catalog
+from vlmtune.server.chat import generate, parse_messages
+from vlmtune.server.context import SafeJSON, body_of, ctx
+from vlmtune.types import SamplingParams
+
+router = APIRouter()
+
+
+class ChatBody(WireModel):
+    model: str
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=4096)
+    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = None
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> SafeJSON:
+    c = ctx(request)
+    data = [
+        {"id": r["id"], "object": "model", "created": int(r["created"]), "owned_by": "vlmtune",
+         "vlmtune": {"kind": "promoted", "base_model": r["base_model"], "source": r["source"]}}
+        for r in c.store.models()
+    ]  # fmt: skip
+    for name, _ in await run_in_threadpool(catalog.available_base_models):
+        data.append({"id": name, "object": "model", "created": 0, "owned_by": "vlmtune",
+                     "vlmtune": {"kind": "base", "base_model": name}})  # fmt: skip
+    return SafeJSON({"object": "list", "data": data})
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(request: Request) -> SafeJSON | StreamingResponse:
+    c = ctx(request)
+    body = await body_of(request, ChatBody)
+    empty = c.config.data_dir / "empty"
+    empty.mkdir(exist_ok=True)
+    messages = await run_in_threadpool(parse_messages, body.messages, empty)
+    key, loader = await run_in_threadpool(catalog.resolve, c.store, body.model)
+    params = SamplingParams(
+        max_tokens=body.max_completion_tokens or body.max_tokens or 256,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        stop=[body.stop] if isinstance(body.stop, str) else body.stop,
+        seed=body.seed,
+    )
+    fut = c.pool.run(key, loader, lambda e: generate(e, messages, params, body.n))
+    try:
+        result = await asyncio.wrap_future(fut)
+    except ValueError as e:  # e.g. a conversation the renderer refuses
+        raise BadRequest(str(e)) from None
+    cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    completion = sum(ch["n"] for ch in result["choices"])
+    usage = {"prompt_tokens": result["prompt_tokens"], "completion_tokens": completion,
+             "total_tokens": result["prompt_tokens"] + completion}  # fmt: skip
+    if not body.stream:
+        return SafeJSON(
+            {
+                "id": cid, "object": "chat.completion", "created": created, "model": body.model,
+                "choices": [
+                    {"index": i, "message": {"role": "assistant", "content": ch["text"]},
+                     "finish_reason": ch["finish"]}
+                    for i, ch in enumerate(result["choices"])
+                ],
+                "usage": usage,
+                "vlmtune": {"images_dropped": result["dropped"]},
+            }
+        )  # fmt: skip
+
+    def events() -> Iterator[str]:
+        # The whole completion is generated first (the engine has no token callback);
+        # it is then sent in OpenAI's chunk format, one token's text per chunk.
+        def chunk(i: int, delta: dict, finish: str | None = None) -> str:
+            return "data: " + json.dumps({
+                "id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                "choices": [{"index": i, "delta": delta, "finish_reason": finish}],
+            }) + "\n\n"  # fmt: skip
+
+        for i, ch in enumerate(result["choices"]):
+            yield chunk(i, {"role": "assistant", "content": ""})
+            for piece in ch["pieces"]:
+                if piece:
+                    yield chunk(i, {"content": piece})
+            yield chunk(i, {}, ch["finish"])
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
