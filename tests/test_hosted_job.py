@@ -123,7 +123,9 @@ def test_hosted_keys_that_contradict_vlmtune_keys_are_refused(tmp_path):
     (tmp_path / "job.toml").write_text(text)
     with pytest.raises(ConfigError) as e:
         load_job(tmp_path / "job.toml")
-    assert "hyperparameters.train_kind: 'fft' contradicts algorithm.variety = 'lora'" in str(e.value)
+    assert "hyperparameters.train_kind: 'fft' contradicts algorithm.variety = 'lora'" in str(
+        e.value
+    )
     assert "hyperparameters.lora_rank: 8 contradicts lora.r = 32" in str(e.value)
 
 

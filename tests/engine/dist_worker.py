@@ -166,7 +166,9 @@ def main() -> None:
     if args.final:
         engine.save_weights_for_sampler(args.final)
     if args.save_at:  # what each rank holds after the last step (replicas must agree)
-        result["trainable_sum"] = sum(float(p.detach().double().sum()) for p in engine.trainable_params)
+        result["trainable_sum"] = sum(
+            float(p.detach().double().sum()) for p in engine.trainable_params
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank-{engine.dist.rank}.json").write_text(json.dumps(result))
     if engine.dist.enabled:

@@ -195,7 +195,14 @@ def test_replicated_lora_two_ranks_match_one_rank(tmp_path, tiny_dir):
     assert (tmp_path / "two" / "final" / "adapter_model.safetensors").is_file()
     # The replicated checkpoint resumes in one plain process on the same curve.
     resumed = run_worker(
-        1, tmp_path / "resumed", "--mode", "lora", "--steps", "3", "--resume", str(tmp_path / "two" / "step-2")
+        1,
+        tmp_path / "resumed",
+        "--mode",
+        "lora",
+        "--steps",
+        "3",
+        "--resume",
+        str(tmp_path / "two" / "step-2"),
     )[0]
     assert_same_curve(one, resumed, [3])
 

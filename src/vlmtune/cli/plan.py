@@ -9,10 +9,10 @@ from typing import Annotated, Any
 import typer
 
 from vlmtune.config import ConfigError, JobFile, load_job
-from vlmtune.planning.memory import GIB, MemoryEstimate, dims_for, estimate_memory
+from vlmtune.planning.memory import GIB, MemoryEstimate, Mode, dims_for, estimate_memory
 from vlmtune.planning.shapes import FIT_HEADROOM, TrainingShape, gpu_memory_gib, list_shapes
 
-MODES = ("full", "lora", "qlora")
+MODES: tuple[Mode, ...] = ("full", "lora", "qlora")
 
 
 def _gib(n: int) -> str:
@@ -27,11 +27,11 @@ def fits(estimate: MemoryEstimate, gpu_type: str) -> bool | None:
     return estimate.total <= FIT_HEADROOM * capacity * GIB
 
 
-def shape_estimate(shape: TrainingShape, mode: str) -> MemoryEstimate:
+def shape_estimate(shape: TrainingShape, mode: Mode) -> MemoryEstimate:
     on_cpu = shape.gpu_type == "cpu"
     return estimate_memory(
         dims_for(shape.model),
-        mode=mode,  # type: ignore[arg-type]
+        mode=mode,
         context=shape.max_context,
         world_size=shape.world_size,
         activation_checkpointing=shape.activation_checkpointing,
@@ -173,7 +173,7 @@ def plan(
         qlora_only = job.finetune_mode == "qlora" and mode != "qlora"
         row = {**settings, "replicate": settings["replicate"] and not qlora_only}
         for ac in (False, True):
-            est = estimate_memory(dims, mode=mode, activation_checkpointing=ac, **row)  # type: ignore[arg-type]
+            est = estimate_memory(dims, mode=mode, activation_checkpointing=ac, **row)
             own = mode == job.finetune_mode and ac == job.training.gradient_checkpointing
             rows.append((mode, ac, own, est, fits(est, gpu_type)))
     if as_json:

@@ -24,8 +24,10 @@ class RawImage:
 
 
 class _HasParts(Protocol):
-    role: str
     parts: list[str | RawImage]
+
+    @property
+    def role(self) -> str: ...
 
 
 def legacy_images(obj: dict[str, Any]) -> tuple[list[RawImage], bool]:

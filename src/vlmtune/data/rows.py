@@ -21,6 +21,7 @@ from vlmtune.data.schema import (
     Part,
     PreferenceRow,
     RLRow,
+    Role,
     Row,
     RowKind,
     SFTRow,
@@ -28,15 +29,15 @@ from vlmtune.data.schema import (
     row_images,
 )
 
-ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+ROLES: tuple[Role, ...] = ("system", "user", "assistant")
+SHAREGPT_ROLES: dict[str, Role] = {"human": "user", "gpt": "assistant", "system": "system"}
 SHAREGPT_ROLES.update({r: r for r in ROLES})
 KINDS: tuple[RowKind, ...] = ("sft", "preference", "rl")
 
 
 @dataclass
 class _RawMessage:
-    role: str
+    role: Role
     parts: list[str | RawImage]
     weight: float | None
     field: str
@@ -312,7 +313,7 @@ class RowParser:
                     raise exc.at(p.field) from None
                 cache[p.ref] = image
             parts.append(image)
-        return Message(role=m.role, parts=parts, weight=m.weight)  # type: ignore[arg-type]
+        return Message(role=m.role, parts=parts, weight=m.weight)
 
     def _check_preference(self, chosen: list[Message], rejected: list[Message]) -> None:
         for side, msgs in (("chosen", chosen), ("rejected", rejected)):

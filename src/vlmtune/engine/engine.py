@@ -17,12 +17,13 @@ import torch
 from vlmtune.defaults import image_cap
 from vlmtune.engine import dispatch, optim, placement
 from vlmtune.engine import distributed as dist_utils
-from vlmtune.engine.batching import Batch, collate, packing_efficiency
+from vlmtune.engine.batching import Batch, collate
 from vlmtune.engine.checkpoint import load_training_state, save_training_state
 from vlmtune.engine.config import HOST_SETTINGS as HOST_SETTINGS  # re-exported
 from vlmtune.engine.config import RUN_SETTINGS as RUN_SETTINGS  # re-exported
 from vlmtune.engine.config import EngineConfig
 from vlmtune.engine.forward import ForwardPass
+from vlmtune.engine.micro_batches import MicroBatch, plan_micro_batches
 from vlmtune.engine.sampling import SamplingContext, generate
 from vlmtune.models.adapters import LoraSettings, is_peft_model
 from vlmtune.models.loading import (
@@ -172,34 +173,21 @@ class TrainingEngine:
             return fn(*args, **kwargs)
         return self._root(fn, *args, **kwargs)
 
-    def _plan(self, datums: Sequence[Datum]) -> list[tuple[list[int], Batch, bool]]:
-        """(datum indices, batch, is_padding) per micro-batch of this process.
-
-        Packed: each row of up to ``max_row_tokens`` is one micro-batch; otherwise
-        ``micro_batch_size`` examples, right-padded. Under torchrun each rank takes its
-        share of the global batch, plus zero-weight copies of the shortest datum so
-        that every rank runs as many forward/backward passes as the busiest one.
-        """
-        lengths = [d.model_input.length for d in datums]
-        groups, n_pad = dist_utils.plan_rank_groups(
-            lengths,
-            self.dist.world_size,
-            self.dist.rank,
-            packing=self.config.packing,
-            micro_batch_size=self.config.micro_batch_size,
-            max_row_tokens=self.config.max_row_tokens,
+    def _plan(self, datums: Sequence[Datum]) -> list[MicroBatch]:
+        """This process's micro-batches of ``datums`` (see ``plan_micro_batches``)."""
+        c = self.config
+        plan, efficiency = plan_micro_batches(
+            datums,
+            self.collate,
+            world_size=self.dist.world_size,
+            rank=self.dist.rank,
+            packing=c.packing,
+            micro_batch_size=c.micro_batch_size,
+            max_row_tokens=c.max_row_tokens,
         )
-        if self.config.packing and groups:
-            self.last_packing_efficiency = packing_efficiency(
-                [lengths[i] for g in groups for i in g], groups, self.config.max_row_tokens
-            )
-        rows_arg = (lambda n: [list(range(n))]) if self.config.packing else (lambda n: None)
-        out = [(g, self.collate([datums[i] for i in g], rows_arg(len(g))), False) for g in groups]
-        if n_pad:
-            shortest = min(range(len(datums)), key=lambda i: (lengths[i], i))
-            pad = self.collate([dist_utils.zero_weight_copy(datums[shortest])], rows_arg(1))
-            out += [([], pad, True)] * n_pad
-        return out
+        if efficiency is not None:
+            self.last_packing_efficiency = efficiency
+        return plan
 
     # ---- batching -----------------------------------------------------------------
     def _preprocess(self, data: bytes) -> tuple[torch.Tensor, torch.Tensor]:

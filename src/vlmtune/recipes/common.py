@@ -8,10 +8,10 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from rich.progress import (
     BarColumn,
@@ -28,7 +28,7 @@ from vlmtune.defaults import apply_vision_defaults, image_cap, resolved_lines
 from vlmtune.engine.distributed import is_main_process
 from vlmtune.engine.engine import EngineConfig
 from vlmtune.recipes.run_dir import REPORT_FILE, RunDir
-from vlmtune.render_rows import METHOD_KIND
+from vlmtune.render_rows import METHOD_KIND, RenderedRow
 from vlmtune.sdk import ServiceClient, ServiceClientProtocol, TrainingClientProtocol, connect
 from vlmtune.settings import SettingChange
 from vlmtune.types import AdamParams
@@ -38,6 +38,7 @@ CHECKPOINT_PREFIX = "step-"
 REMOTE_SUFFIX = ".remote"
 # Where a recipe's lines go: ``print``, or rank 0's ``vlmtune train`` reporter.
 LogFn = Callable[[str], object]
+RowT = TypeVar("RowT")
 
 
 def main_process_log(log: LogFn) -> LogFn:
@@ -282,6 +283,16 @@ def load_job_data(
         job.job.validation_data, kind, max_images_per_message=cap, image_root=job.job.image_root
     )
     return rows, report, val_rows, val_report
+
+
+def rows_of(rendered: Iterable[RenderedRow], kind: type[RowT]) -> list[RowT]:
+    """The rows behind ``rendered``, each a ``kind`` (the loader read only that kind)."""
+    rows: list[RowT] = []
+    for r in rendered:
+        if not isinstance(r.row, kind):
+            raise TypeError(f"line {r.row.line}: a {type(r.row).__name__}, not a {kind.__name__}")
+        rows.append(r.row)
+    return rows
 
 
 def report_data(

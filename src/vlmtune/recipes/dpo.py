@@ -47,6 +47,7 @@ from vlmtune.recipes.common import (
     prepare,
     report_data,
     resume_start_step,
+    rows_of,
     total_steps_for,
 )
 from vlmtune.render import Renderer, datum_from_rendered
@@ -118,7 +119,7 @@ def render_pairs(
         )
         for r in rendered
     ]
-    return pairs, [r.row for r in rendered]  # type: ignore[misc]
+    return pairs, rows_of(rendered, PreferenceRow)
 
 
 def pair_logps(tc: TrainingClientProtocol, pairs: Sequence[Pair], reference: bool) -> torch.Tensor:

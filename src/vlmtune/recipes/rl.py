@@ -48,6 +48,7 @@ from vlmtune.recipes.common import (
     prepare,
     report_data,
     resume_start_step,
+    rows_of,
     total_steps_for,
 )
 from vlmtune.recipes.skipped_groups import SKIP_WARNING_WINDOW, SkippedGroups
@@ -132,9 +133,10 @@ def make_kl_loss_fn(
             ref_N = ref_T.to(lp_T.device)[mask_T][None]
             pg_total = pg_total + pg
             kl_total = kl_total + losses.kl_penalty_k3(lp_N, ref_N).sum() / n_tokens
+        # A step trains at least one completion, so both sums are tensors by now.
+        assert isinstance(pg_total, torch.Tensor) and isinstance(kl_total, torch.Tensor)
         loss = pg_total + rl.kl_coef * kl_total
-        assert isinstance(loss, torch.Tensor)  # a step trains at least one completion
-        return loss, {"kl": float(kl_total), "pg_loss": float(pg_total)}
+        return loss, {"kl": float(kl_total.detach()), "pg_loss": float(pg_total.detach())}
 
     return loss_fn
 
@@ -176,7 +178,7 @@ def run(
         (r.sides[0].model_input, r.sides[0].model_input.to_ints(renderer.image_token_id))
         for r in rendered
     ]
-    kept: list[RLRow] = [r.row for r in rendered]  # type: ignore[misc]
+    kept = rows_of(rendered, RLRow)
     if val_report is not None:
         val_rows = [r.row for r in render_rows(val_rows, renderer, limits, val_report)]
     report_data(run, job, train_report, val_report, len(prompts), "prompts", log)
