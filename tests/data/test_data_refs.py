@@ -7,7 +7,7 @@ import os
 import pytest
 
 from vlmtune.data.errors import RowError
-from vlmtune.data.refs import RefContext, resolve_image
+from vlmtune.data.refs import RefContext, resolve_image, shorten
 
 
 @pytest.fixture
@@ -59,7 +59,9 @@ def test_relative_and_file_url_paths_resolve_from_the_dataset_dir(mk, ctx):
     assert resolve_image("img/a.png", ctx).width == 7
     assert resolve_image("file:img/a.png", ctx).width == 7
     assert resolve_image(f"file://{ctx.base_dir}/img/a.png", ctx).width == 7
-    assert resolve_image(str(ctx.base_dir / "img" / "a.png"), ctx).source.endswith("a.png")
+    absolute = str(ctx.base_dir / "img" / "a.png")
+    # The source is the reference as written, shortened for reports (tmp paths vary).
+    assert resolve_image(absolute, ctx).source == shorten(absolute)
 
 
 def test_escaping_paths_are_refused_unless_image_root_allows_them(mk, ctx, tmp_path):
