@@ -276,7 +276,7 @@ def test_unknown_names_say_where_they_looked(hub: FakeHub, tmp_path: Path) -> No
 
 
 def _job(tmp_path: Path, model: str, extra: str = "") -> Path:
-    (tmp_path / "train.jsonl").write_text("")
+    (tmp_path / "train.jsonl").write_text("{}\n")  # not empty: `vlmtune train` refuses that
     toml = tmp_path / "job.toml"
     toml.write_text(f'[job]\nmodel = "{model}"\ndata = "train.jsonl"\n{extra}')
     return toml

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from vlmtune.cli.job_checks import data_file_problems, lora_target_problems
 from vlmtune.config import ConfigError, JobFile, load_job
 
 if TYPE_CHECKING:
@@ -93,9 +94,9 @@ def _check_compute(
             f"{per_node * job.compute.nodes}"
         )
     for key in ("data", "validation_data"):
-        value = getattr(job.job, key)
-        if value is not None and not Path(value).is_file():
-            problems.append(f"job.{key}: {value} does not exist")
+        problems += data_file_problems(f"job.{key}", getattr(job.job, key))
+    if job.finetune_mode != "full" and not problems:
+        problems += lora_target_problems(job)
     if download and pending_download and not problems:
         from vlmtune.models.loading import ModelNotFoundError, resolve_model_path
 
@@ -237,6 +238,7 @@ def train(
     run_dir = output or Path(job.job.output_dir) / (job.job.name or config.stem)
     from functools import partial
 
+    from vlmtune.engine.divergence import DivergedError
     from vlmtune.recipes import dpo, rl, sft
 
     recipes: dict[str, Callable[..., dict[str, Any]]] = {
@@ -249,6 +251,9 @@ def train(
     except ConfigError as e:  # found by a recipe before any training (e.g. an unknown reward)
         _err(str(e))
         raise typer.Exit(2) from None
+    except DivergedError as e:  # a training failure, not a config error: exit 1
+        say(f"training stopped: {e}")
+        raise typer.Exit(1) from None
     if is_main_process():
         typer.echo(json.dumps(summary))
 

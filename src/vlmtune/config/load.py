@@ -25,9 +25,16 @@ def _format_pydantic(err: ValidationError) -> list[str]:
             out.append(f"{key}: required key is missing")
         else:
             got = e.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            out.append(f"{key}: {e['msg']}{shown}")
+            shown = "" if isinstance(got, dict) else f" (got {_short_repr(got)})"
+            message = e["msg"].removeprefix("Value error, ")  # pydantic's, not the user's
+            out.append(f"{key}: {message}{shown}")
     return out
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    # A pasted blob (or a 100 000-digit number) should not bury the message naming the key.
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**limit else "a huge int"
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def _contradictions(job: JobFile, method: str | None) -> list[str]:
@@ -80,7 +87,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, raw = item.split("=", 1)
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except ValueError:  # not TOML (or an int past Python's digit limit): a bare string
         value = raw
     return key.strip().split("."), value
 
@@ -100,6 +107,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(source, [f"not a text file (byte {e.start} is not UTF-8)"]) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(source, [f"not valid TOML: {e}"]) from None
+    except ValueError as e:  # e.g. an integer past Python's 4300-digit limit
+        raise ConfigError(source, [f"not a usable TOML job: {str(e)[:200]}"]) from None
 
 
 def _set_override(raw: dict[str, Any], keys: list[str], value: Any) -> list[str]:

@@ -8,9 +8,11 @@ one ``ConfigError`` whose lines name the TOML key.
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -21,8 +23,35 @@ from pydantic import (
 from vlmtune.settings import SettingChange
 
 
+def _not_blank(value: str) -> str:
+    # A name or path of only spaces is as empty as "": it would resolve to the TOML's folder.
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+# Names, paths and ids: "" would silently mean "the current folder" or "no model".
+Name = Annotated[str, AfterValidator(_not_blank)]
+
+# cuda:N as torch spells it; "mps" only where this torch has the backend (checked below).
+_DEVICE = re.compile(r"auto|cpu|cuda|cuda:\d+|mps")
+
+
+def _known_device(value: str) -> str:
+    if not _DEVICE.fullmatch(value):
+        raise ValueError(f"unknown device {value!r}; use auto, cpu, cuda or cuda:N")
+    if value == "mps":
+        import torch
+
+        if not torch.backends.mps.is_built():
+            raise ValueError("mps: this torch was built without the Apple MPS backend")
+    return value
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: an inf learning rate trains NaN weights, so every float
+    # field refuses inf and nan (TOML's inf/nan and overrides alike).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class AlgorithmConfig(_Section):
@@ -36,32 +65,34 @@ class AlgorithmConfig(_Section):
 
 
 class JobConfig(_Section):
-    model: str = Field(
+    model: Name = Field(
         description="base model: a Hugging Face id (downloaded into the HF cache on first use), "
         "a registry alias such as 'qwen3-vl-8b', a hosted name such as "
         "'accounts/fireworks/models/qwen3-vl-8b-instruct', 'tiny-qwen3-vl', or a model "
         "directory (a relative one resolves from the TOML's folder)"
     )
-    revision: str | None = Field(
+    revision: Name | None = Field(
         None,
         description="branch, tag or commit of the Hugging Face model to use (None: its default "
         "branch); pin a commit to make the run reproducible",
     )
-    data: str = Field(description="training JSONL (relative paths resolve from the TOML's folder)")
-    validation_data: str | None = Field(None, description="held-out JSONL for in-training eval")
-    name: str | None = Field(None, description="run name: the run directory is <output_dir>/<name>")
-    output_dir: str = Field("runs", description="parent of run directories")
-    image_root: str | None = Field(None, description="allow local image paths under this folder")
+    data: Name = Field(description="training JSONL (relative paths resolve from the TOML's folder)")
+    validation_data: Name | None = Field(None, description="held-out JSONL for in-training eval")
+    name: Name | None = Field(
+        None, description="run name: the run directory is <output_dir>/<name>"
+    )
+    output_dir: Name = Field("runs", description="parent of run directories")
+    image_root: Name | None = Field(None, description="allow local image paths under this folder")
 
 
 class ComputeConfig(_Section):
-    gpu_type: str = Field("auto", description="GPU model, e.g. H100; 'auto' detects")
+    gpu_type: Name = Field("auto", description="GPU model, e.g. H100; 'auto' detects")
     gpu_count: int = Field(1, ge=1, description="GPUs per node")
     nodes: int = Field(1, ge=1, description="number of nodes")
-    shape: str | None = Field(
+    shape: Name | None = Field(
         None, description="training shape (see `vlmtune shapes`); sets the keys it owns"
     )
-    training_shape_ref: str | None = Field(None, description="the SDK's name for compute.shape")
+    training_shape_ref: Name | None = Field(None, description="the SDK's name for compute.shape")
     sharding: Literal["full_shard", "shard_grad_op", "replicate"] = Field(
         "full_shard",
         description="several processes: full_shard (FSDP2, frees layers after forward), "
@@ -91,7 +122,9 @@ class TrainingConfig(_Section):
     )
     use_qlora: bool = Field(False, description="4-bit base weights (CUDA only)")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="compute dtype")
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    device: Annotated[str, AfterValidator(_known_device)] = Field(
+        "auto", description="auto, cpu, cuda, cuda:N (or mps where torch has it)"
+    )
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
     attention: Literal["sdpa", "flash_attention_2"] = Field(
         "sdpa",
@@ -101,7 +134,7 @@ class TrainingConfig(_Section):
     image_workers: int | None = Field(
         None, ge=0, description="image preprocessing processes (unset: auto, 0: in-process)"
     )
-    image_cache_dir: str | None = Field(
+    image_cache_dir: Name | None = Field(
         None, description="reuse preprocessed images across epochs and runs"
     )
 
@@ -120,7 +153,8 @@ class HyperparametersConfig(_Section):
         "linear", description="decay after warmup"
     )
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
-    seed: int = Field(42, description="data order and initialisation seed")
+    # Bounded: RL derives per-step sampling seeds from it, which torch takes as 64-bit.
+    seed: int = Field(42, ge=0, lt=2**32, description="data order and initialisation seed")
     eval_every: int = Field(
         0, ge=0, description="eval on validation_data every N steps (0: end only)"
     )
@@ -145,15 +179,24 @@ class LoraConfig(_Section):
     r: int = Field(16, ge=1, description="LoRA rank")
     alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA path")
-    target_modules: list[str] | Literal["all-linear"] = Field(
+    target_modules: Annotated[list[Name], Field(min_length=1)] | Literal["all-linear"] = Field(
         "all-linear", description='module names, or "all-linear" (also as ["all-linear"])'
     )
 
-    @field_validator("target_modules")
+    @field_validator("target_modules", mode="before")
     @classmethod
-    def _all_linear_in_a_list(cls, value: list[str] | str) -> list[str] | str:
-        # The hosted trainer's files (and peft users) write ["all-linear"].
-        return "all-linear" if value == ["all-linear"] else value
+    def _module_names(cls, value: object) -> object:
+        # Checked here, not by the union, so a mistake is one message rather than one
+        # per union branch. The hosted trainer's files (and peft users) write ["all-linear"].
+        if value in ("all-linear", ["all-linear"]):
+            return "all-linear"
+        if not isinstance(value, list):
+            raise ValueError('must be a list of module names, or "all-linear"')
+        if not value:
+            raise ValueError('an empty list adapts nothing; name modules or use "all-linear"')
+        if not all(isinstance(v, str) and v.strip() for v in value):
+            raise ValueError("module names must be non-empty strings")
+        return value
 
 
 class ModelConfig(_Section):
@@ -182,10 +225,10 @@ class DPOConfig(_Section):
 
 
 class RLConfig(_Section):
-    reward: str = Field(
+    reward: Name = Field(
         "exact_match", description="built-in name, module:function, or file.py:function"
     )
-    reward_regex: str | None = Field(
+    reward_regex: Name | None = Field(
         None, description="pattern for the built-in regex_match reward"
     )
     group_size: int = Field(4, ge=2, description="completions sampled per prompt")
@@ -207,7 +250,9 @@ class RLConfig(_Section):
         10, ge=-1, description="sample among the k most likely tokens only (-1: all tokens)"
     )
     max_tokens: int = Field(32, ge=1, description="tokens sampled per completion")
-    stop: list[str] = Field(default_factory=list, description="extra stop strings")
+    stop: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="extra stop strings"
+    )
     kl_coef: float = Field(0.0, ge=0, description="KL penalty against the reference model (0: off)")
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from vlmtune.engine.distributed import total_norm_value
+from vlmtune.engine.divergence import DivergedError
 from vlmtune.types import AdamParams
 
 
@@ -23,6 +26,10 @@ def clip_and_step(
 
     Under FSDP the norm of sharded grads is a DTensor over all ranks' shards; it is made
     a full tensor before clipping, so every rank scales by the same global norm.
+
+    A non-finite norm (the loss or a gradient overflowed) is refused: the grads are
+    zeroed, the weights and the optimizer's moments stay as they were, and
+    ``DivergedError`` is raised on every rank (the norm is global, so all agree).
     """
     for group in optimizer.param_groups:
         group.update(
@@ -34,6 +41,9 @@ def clip_and_step(
     max_norm = hp.grad_clip_norm if hp.grad_clip_norm > 0 else float("inf")
     grads = [p.grad for p in params if p.grad is not None]
     grad_norm = total_norm_value(torch.nn.utils.get_total_norm(grads))
+    if not math.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise DivergedError(f"grad_norm is {grad_norm}; the optimizer step was not applied")
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(grad_norm, device=device))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -8,7 +8,8 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO, TypeVar
@@ -26,6 +27,7 @@ from vlmtune.data import load_dataset
 from vlmtune.data.report import ValidationReport
 from vlmtune.defaults import apply_vision_defaults, image_cap, resolved_lines
 from vlmtune.engine.distributed import is_main_process
+from vlmtune.engine.divergence import DivergedError
 from vlmtune.engine.engine import EngineConfig
 from vlmtune.recipes.run_dir import REPORT_FILE, RunDir
 from vlmtune.render_rows import METHOD_KIND, RenderedRow
@@ -104,6 +106,37 @@ def save_checkpoint(tc: TrainingClientProtocol, run: RunDir, step: int) -> str:
     if "://" in where:
         run.write_text(f"checkpoints/{CHECKPOINT_PREFIX}{step}{REMOTE_SUFFIX}", where + "\n")
     return where
+
+
+def last_good_checkpoint(run_dir: Path) -> str:
+    """Where a stopped run can continue from, as its message says it."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return "no checkpoint was saved (hyperparameters.save_every keeps some)"
+    where = Path(ckpt)
+    if "://" not in ckpt and where.is_relative_to(run_dir):
+        ckpt = str(where.relative_to(run_dir))
+    return f"the last good (finite) checkpoint is {ckpt} (--resume continues from it)"
+
+
+@contextmanager
+def stop_on_divergence(
+    run_dir: Path, step: int, learning_rate: float | None = None
+) -> Iterator[None]:
+    """Optimizer step ``step`` (1-based) runs inside: a ``DivergedError`` raised there
+    (the engine refused a non-finite gradient norm, or ``check_finite`` a loss) comes
+    out as one naming the step, the likely cause and the last good checkpoint. The
+    loop ends there, so ``Checkpointer.finish`` never writes ``final/``."""
+    try:
+        yield
+    except DivergedError as e:
+        lr = "" if learning_rate is None else f" ({learning_rate:.3g})"
+        raise DivergedError(
+            f"step {step}: {e} — the learning rate{lr} is likely too high, or the data "
+            "has an example whose loss overflows (lower hyperparameters.learning_rate, "
+            "or set hyperparameters.max_grad_norm); "
+            f"final/ was not written; {last_good_checkpoint(run_dir)}"
+        ) from None
 
 
 def save_final(tc: TrainingClientProtocol, run: RunDir) -> str:
@@ -359,7 +392,8 @@ class Checkpointer:
         if step >= self.total_steps:
             return
         if self.save_every and step % self.save_every == 0:
-            save_checkpoint(self.tc, self.run, step)
+            with stop_on_divergence(self.run.path, step):  # weights that overflowed
+                save_checkpoint(self.tc, self.run, step)
         if self.evaluate is not None and self.eval_every and step % self.eval_every == 0:
             self.evaluate(step)
 

@@ -33,6 +33,7 @@ from vlmtune.config import DPOConfig, JobFile
 from vlmtune.data import PreferenceRow, SFTRow
 from vlmtune.data.report import ValidationReport
 from vlmtune.engine import losses
+from vlmtune.engine.divergence import check_finite
 from vlmtune.evaluation import evaluate_exact_match
 from vlmtune.recipes.common import (
     Checkpointer,
@@ -48,6 +49,7 @@ from vlmtune.recipes.common import (
     report_data,
     resume_start_step,
     rows_of,
+    stop_on_divergence,
     total_steps_for,
 )
 from vlmtune.render import Renderer, datum_from_rendered
@@ -241,7 +243,9 @@ def run(
                 data, make_loss_fn(ref_P_2[idx], job.dpo, tie_rtol), logprobs_where="weights"
             )
             opt_future = tc.optim_step(adam_params(hp, lr))
-            fb, opt = fb_future.result(), opt_future.result()
+            with stop_on_divergence(run.path, step + 1, lr):
+                fb, opt = fb_future.result(), opt_future.result()
+                check_finite(loss=fb.metrics["loss:sum"], grad_norm=opt.metrics["grad_norm"])
             elapsed = time.perf_counter() - t0
             last = {k: v for k, v in fb.metrics.items() if k != "loss:sum"}
             metrics.write(

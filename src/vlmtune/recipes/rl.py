@@ -34,6 +34,7 @@ import torch
 from vlmtune.config import ConfigError, JobFile, RLConfig
 from vlmtune.data import Message, RLRow, SFTRow, TextPart
 from vlmtune.engine import losses
+from vlmtune.engine.divergence import check_finite
 from vlmtune.evaluation import evaluate_exact_match
 from vlmtune.recipes.common import (
     Checkpointer,
@@ -49,6 +50,7 @@ from vlmtune.recipes.common import (
     report_data,
     resume_start_step,
     rows_of,
+    stop_on_divergence,
     total_steps_for,
 )
 from vlmtune.recipes.skipped_groups import SKIP_WARNING_WINDOW, SkippedGroups
@@ -308,7 +310,9 @@ def run(
                         {"clip_low_threshold": rl.clip_low, "clip_high_threshold": rl.clip_high},
                     )
                 opt = tc.optim_step(adam_params(hp, lr))
-                fb_metrics, grad_norm = fb.result().metrics, opt.result().metrics["grad_norm"]
+                with stop_on_divergence(run.path, step + 1, lr):
+                    fb_metrics, grad_norm = fb.result().metrics, opt.result().metrics["grad_norm"]
+                    check_finite(loss=fb_metrics.get("loss:sum"), grad_norm=grad_norm)
 
             seqs = [s for r in responses for s in r.sequences]
             n_sampled = sum(len(s.tokens) for s in seqs)

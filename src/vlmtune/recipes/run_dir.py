@@ -16,6 +16,7 @@ is written beside its target and renamed into place.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,8 @@ class RunDir:
         self.write_json(REPORT_FILE, report)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        self.write_json(SUMMARY_FILE, summary)
+        """``summary.json``: strict JSON, a non-finite number as null (``strict_json``)."""
+        self.write_text(SUMMARY_FILE, strict_json(summary, indent=2) + "\n")
 
     def metrics(self, resume_step: int | None, total_steps: int | None = None) -> MetricsLog:
         """The run's ``metrics.jsonl``, cut back to ``resume_step`` on a resume."""
@@ -109,5 +111,24 @@ class MetricsLog:
             return
         if self.total_steps is not None and "step" in record:
             record = {"step": record["step"], "total_steps": self.total_steps, **record}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(strict_json(record) + "\n")
+
+
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every NaN and infinity (in nested dicts and lists too) as None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def strict_json(data: Any, indent: int | None = None) -> str:
+    """JSON that every parser reads: Python writes NaN and infinities as the literals
+    ``NaN``/``Infinity``, which are not JSON (``jq``, browsers and Go refuse them).
+    They are written as null, not as strings, so a column of numbers stays numbers
+    and a reader that plots it sees a gap."""
+    return json.dumps(finite_or_none(data), indent=indent, ensure_ascii=False, allow_nan=False)

@@ -18,6 +18,7 @@ from typing import Any
 
 from vlmtune.config import JobFile
 from vlmtune.engine.distributed import env_info
+from vlmtune.engine.divergence import check_finite
 from vlmtune.evaluation import evaluate_exact_match
 from vlmtune.recipes.common import (
     Checkpointer,
@@ -32,6 +33,7 @@ from vlmtune.recipes.common import (
     prepare,
     report_data,
     resume_start_step,
+    stop_on_divergence,
     total_steps_for,
 )
 from vlmtune.render import datum_from_rendered
@@ -122,7 +124,9 @@ def run(
             )
             fb_future = tc.forward_backward(scale_weights(batch, 1.0 / n_tokens))
             opt_future = tc.optim_step(adam_params(hp, lr))
-            fb, opt = fb_future.result(), opt_future.result()
+            with stop_on_divergence(run.path, step + 1, lr):
+                fb, opt = fb_future.result(), opt_future.result()
+                check_finite(loss=fb.metrics["loss:sum"], grad_norm=opt.metrics["grad_norm"])
             elapsed = time.perf_counter() - t0
             last_loss = fb.metrics["loss:sum"]
             packing_effs.append(fb.metrics.get("packing_efficiency:mean", 1.0))
