@@ -24,7 +24,7 @@ demo: install
 # Two workers (pytest-xdist): much of the suite waits on subprocesses and servers, so two
 # workers on two cores take 7.6 min where one takes 10.
 test: install
-	$(PY) -m pytest -q -x -n 2 --durations=15
+	$(PY) -m pytest -q -x -n 2 --dist loadgroup --durations=15
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks examples

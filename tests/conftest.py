@@ -51,3 +51,23 @@ def tiny_dir():
     from vlmtune.models.tiny import tiny_model_dir
 
     return tiny_model_dir()
+
+
+# Files whose tests start several torch.distributed processes. Under `make test`'s two
+# xdist workers they share one worker (`--dist loadgroup`): two gloo groups forming at
+# once on two cores have aborted a rank (SIGABRT) under load.
+MULTIPROCESS_TEST_FILES = frozenset(
+    {
+        "test_distributed.py",
+        "test_train_distributed.py",
+        "test_metrics.py",
+        "test_dpo.py",
+        "test_hosted_job.py",
+    }
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in MULTIPROCESS_TEST_FILES:
+            item.add_marker(pytest.mark.xdist_group("multiprocess"))

@@ -90,7 +90,8 @@ REPLICATE_REASON = (
 )
 
 
-def _get(raw: dict[str, Any], dotted: str) -> tuple[bool, Any]:
+def get_dotted(raw: dict[str, Any], dotted: str) -> tuple[bool, Any]:
+    """(whether ``a.b.c`` is set in a raw TOML dict, its value)."""
     node: Any = raw
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
@@ -122,7 +123,7 @@ def translate(raw: dict[str, Any]) -> Translation:
     out = Translation([], [], [])
 
     def move(src: str, dst: str, value: Any, reason: str) -> None:
-        present, current = _get(raw, dst)
+        present, current = get_dotted(raw, dst)
         _pop(raw, src)
         if present and current != value:
             out.problems.append(
@@ -133,11 +134,11 @@ def translate(raw: dict[str, Any]) -> Translation:
         out.changes.append(SettingChange(dst, current if present else None, value, reason))
 
     for src, dst in MOVED_KEYS.items():
-        present, value = _get(raw, src)
+        present, value = get_dotted(raw, src)
         if present:
             move(src, dst, value, f"from {src}")
 
-    present, kind = _get(raw, "hyperparameters.train_kind")
+    present, kind = get_dotted(raw, "hyperparameters.train_kind")
     if present:
         variety = TRAIN_KINDS.get(str(kind).lower())
         if variety is None:
@@ -148,7 +149,7 @@ def translate(raw: dict[str, Any]) -> Translation:
         else:
             move("hyperparameters.train_kind", "algorithm.variety", variety, f"train_kind {kind!r}")
 
-    present, stage = _get(raw, "hyperparameters.parallelism.deepspeed_stage")
+    present, stage = get_dotted(raw, "hyperparameters.parallelism.deepspeed_stage")
     if present:
         _pop(raw, "hyperparameters.parallelism.deepspeed_stage")
         sharding = ZERO_STAGE_SHARDING.get(stage) if isinstance(stage, int) else None
@@ -157,20 +158,20 @@ def translate(raw: dict[str, Any]) -> Translation:
             out.ignored.append(
                 IgnoredKey("hyperparameters.parallelism.deepspeed_stage", stage, reason)
             )
-        elif not _get(raw, "compute.sharding")[0]:
+        elif not get_dotted(raw, "compute.sharding")[0]:
             _set(raw, "compute.sharding", sharding)
             out.changes.append(
                 SettingChange("compute.sharding", None, sharding, f"FSDP2's ZeRO-{stage} sharding")
             )
 
-    present, mode = _get(raw, "training.mode")
+    present, mode = get_dotted(raw, "training.mode")
     if present and str(mode) in METHOD_MODES:
         _pop(raw, "training.mode")
         reason = "the method is algorithm.method (and train --type)"
         out.ignored.append(IgnoredKey("training.mode", mode, reason))
 
     for key, reason in IGNORED_KEYS.items():
-        present, value = _get(raw, key)
+        present, value = get_dotted(raw, key)
         if present:
             _pop(raw, key)
             out.ignored.append(IgnoredKey(key, value, reason))
@@ -185,9 +186,9 @@ def _resolve_qlora(raw: dict[str, Any], out: Translation) -> None:
     Anything else that contradicts QLoRA (``mode = "full"``, ``variety = "fft"``) is
     left for the schema's contradiction check to report.
     """
-    _, use_qlora = _get(raw, "training.use_qlora")
-    has_variety, variety = _get(raw, "algorithm.variety")
-    has_mode, mode = _get(raw, "training.mode")
+    _, use_qlora = get_dotted(raw, "training.use_qlora")
+    has_variety, variety = get_dotted(raw, "algorithm.variety")
+    has_mode, mode = get_dotted(raw, "training.mode")
     if use_qlora is True and variety in (None, "lora") and mode in (None, "lora", "qlora"):
         _set(raw, "algorithm.variety", "qlora")
         out.changes.append(
@@ -198,11 +199,11 @@ def _resolve_qlora(raw: dict[str, Any], out: Translation) -> None:
         if has_mode and mode == "lora":
             _set(raw, "training.mode", "qlora")
             out.changes.append(SettingChange("training.mode", "lora", "qlora", QLORA_REASON))
-    _, variety = _get(raw, "algorithm.variety")
-    _, gpus = _get(raw, "compute.gpu_count")
-    _, nodes = _get(raw, "compute.nodes")
+    _, variety = get_dotted(raw, "algorithm.variety")
+    _, gpus = get_dotted(raw, "compute.gpu_count")
+    _, nodes = get_dotted(raw, "compute.nodes")
     several = (gpus or 1) != 1 or (nodes or 1) != 1
-    if variety == "qlora" and several and not _get(raw, "compute.sharding")[0]:
+    if variety == "qlora" and several and not get_dotted(raw, "compute.sharding")[0]:
         _set(raw, "compute.sharding", "replicate")
         out.changes.append(
             SettingChange("compute.sharding", "full_shard", "replicate", REPLICATE_REASON)

@@ -42,12 +42,20 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     """Whether every value of ``tensors`` is finite, on every rank (collective under
     torchrun: ranks hold different shards, and must agree, or one would stop alone
     while the others wait for it in the next collective)."""
-    ok = all(bool(torch.isfinite(_local(t)).all()) for t in tensors if t.is_floating_point())
+    # One device sync for all tensors, not one per tensor (hundreds of LoRA matrices).
+    checks = [torch.isfinite(_local(t)).all() for t in tensors if t.is_floating_point()]
+    ok = bool(torch.stack(checks).all()) if checks else True
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         flag = torch.tensor([int(ok)], device=_flag_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         ok = bool(flag.item())
     return ok
+
+
+def check_weights_finite(params: Iterable[torch.Tensor], path: object) -> None:
+    """Refuse to save ``params`` anywhere (``path``) unless every value is finite."""
+    if not all_finite(params):  # collective: every rank agrees
+        raise DivergedError(f"{path}: not saved: the trained weights are not finite")
 
 
 def _flag_device() -> torch.device:

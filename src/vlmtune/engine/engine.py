@@ -22,7 +22,7 @@ from vlmtune.engine.checkpoint import load_training_state, save_training_state
 from vlmtune.engine.config import HOST_SETTINGS as HOST_SETTINGS  # re-exported
 from vlmtune.engine.config import RUN_SETTINGS as RUN_SETTINGS  # re-exported
 from vlmtune.engine.config import EngineConfig
-from vlmtune.engine.divergence import DivergedError, all_finite
+from vlmtune.engine.divergence import check_weights_finite
 from vlmtune.engine.forward import ForwardPass
 from vlmtune.engine.micro_batches import MicroBatch, plan_micro_batches
 from vlmtune.engine.sampling import SamplingContext, generate
@@ -382,8 +382,7 @@ class TrainingEngine:
         """Resumable state (trainable weights, optimizer, RNG, step), written atomically;
         sharded per rank under torchrun, loadable on any number of processes. Non-finite
         trainable weights are refused: resuming from them could only diverge again."""
-        if not all_finite(self.trainable_params):  # collective: every rank agrees
-            raise DivergedError(f"{path}: not saved: the trained weights are not finite")
+        check_weights_finite(self.trainable_params, path)
         meta = {"step": self.step, "engine": asdict(self.config), "extra": extra or {}}
         return save_training_state(Path(path), self.model, self.optimizer, self.dist, meta)
 
@@ -403,8 +402,7 @@ class TrainingEngine:
         Non-finite trainable weights are refused: a servable model full of NaN is worse
         than none.
         """
-        if not all_finite(self.trainable_params):  # collective: every rank agrees
-            raise DivergedError(f"{path}: not saved: the trained weights are not finite")
+        check_weights_finite(self.trainable_params, path)
         if self._root is None:
             if self.dist.is_main:  # replicated ranks hold the same weights
                 save_model_dir(self.loaded, self.processor, Path(path))

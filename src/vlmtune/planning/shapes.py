@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from vlmtune.job_dialect import get_dotted
+
 # Memory torch reports for one GPU of each type (GiB), i.e. what a process can use.
 GPU_MEMORY_GIB: dict[str, float] = {
     "H100": 79.1,
@@ -172,7 +174,7 @@ def apply_shape(raw: dict[str, Any]) -> list[str]:
     except UnknownShapeError as e:
         return [f"compute.{key}: {e}"]
     owned = shape.owned_keys()
-    clashes = [dotted for dotted in owned if _get(raw, dotted) is not None]
+    clashes = [dotted for dotted in owned if get_dotted(raw, dotted)[0]]
     if clashes:
         return [
             f"{dotted}: set by training shape {shape.name!r} (compute.{key}); remove it from "
@@ -185,9 +187,3 @@ def apply_shape(raw: dict[str, Any]) -> list[str]:
         if isinstance(node, dict):
             node[leaf] = value
     return []
-
-
-def _get(raw: dict[str, Any], dotted: str) -> Any:
-    section, leaf = dotted.split(".")
-    node = raw.get(section)
-    return node.get(leaf) if isinstance(node, dict) else None
