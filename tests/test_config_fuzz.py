@@ -230,6 +230,6 @@ def test_train_refuses_a_sequence_length_that_keeps_no_example(job_dir):
         ],
     )
     assert res.exit_code == 2, res.output
-    assert "no trainable examples left" in res.output and "sequence_length" in res.output
+    assert "hyperparameters.sequence_length: 16 keeps none of the examples" in res.output
     assert "Traceback" not in res.output
     assert not (job_dir / "run" / "final").exists()

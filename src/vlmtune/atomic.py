@@ -4,7 +4,9 @@ processes fill together.
 Everything is written beside its target (``os.replace`` is atomic only within one
 filesystem) and renamed into place on success. A failure, Ctrl-C or a killed process
 leaves the target as it was; a killed process also leaves a hidden ``.<name>.*``
-entry beside it, which nothing reads.
+entry beside it, which nothing reads and ``clean_leftovers`` removes. A write the disk
+refuses (full, read-only) becomes one ``WriteRefused`` naming the path and the free
+space there (``explain_refused_writes``).
 
 Plain data layer: ``data/``, ``models/`` and ``engine/`` all write through this module,
 so it imports nothing of theirs. Rank awareness comes in as a ``Ranks`` object.
@@ -12,7 +14,9 @@ so it imports nothing of theirs. Rank awareness comes in as a ``Ranks`` object.
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -146,3 +150,130 @@ def _mode_or(path: Path, default: int) -> int:
         return stat.S_IMODE(path.stat().st_mode)
     except OSError:
         return default
+
+
+# -- what an interrupted write leaves behind -------------------------------------------
+
+# The names the writers above give their temporary entries (``tempfile`` draws 8
+# characters of a-z, 0-9 and _): ``atomic_path``'s files, ``atomic_dir``'s folders, and
+# ``_publish``'s previous version, set aside for the instant of the swap.
+_TEMP_FILE = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
+_TEMP_DIR = re.compile(r"^\.(?P<name>.+)\.tmp-[a-z0-9_]{8}$")
+_SET_ASIDE = re.compile(r"^\.(?P<name>.+)\.old-\d+$")
+
+
+def clean_leftovers(folder: str | Path) -> list[str]:
+    """Remove from ``folder`` what writes killed midway left there; one phrase each.
+
+    A version set aside by ``_publish`` whose replacement never arrived (killed between
+    its two renames) is put back, since it is then the only whole copy. Call it only
+    while nothing else writes into ``folder`` (a run at its start): a live writer's
+    temporary entry looks the same as a dead one's.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    done: list[str] = []
+    for entry in sorted(folder.iterdir()):
+        aside = _SET_ASIDE.match(entry.name)
+        if aside and entry.is_dir() and not (folder / aside["name"]).exists():
+            os.replace(entry, folder / aside["name"])
+            done.append(f"restored {folder / aside['name']} (its replacement was never written)")
+        elif aside or _TEMP_DIR.match(entry.name) or _TEMP_FILE.match(entry.name):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            done.append(f"removed {entry}")
+    return done
+
+
+# -- writes the disk refuses ------------------------------------------------------------
+
+# errno values meaning the filesystem refused the write, not that the data was wrong.
+_REFUSED_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+)
+# The same refusal from writers that drop the errno: torch.save on a full disk raises
+# "RuntimeError: [enforce fail at inline_container.cc:...] . PytorchStreamWriter failed
+# writing file data/0: file write failed"; safetensors "IoError(Os { code: 28, kind:
+# StorageFull, ... })".
+_REFUSED_TEXTS = (
+    "inline_container.cc",
+    "PytorchStreamWriter failed",
+    "No space left on device",
+    "StorageFull",
+    "Disk quota exceeded",
+    "Read-only file system",
+)
+
+
+class WriteRefused(Exception):
+    """The disk refused to write ``path`` (full, over quota, read-only, no permission)."""
+
+    def __init__(self, path: str | Path, what: str, cause: str) -> None:
+        self.path, self.what, self.cause = Path(path), what, cause
+        super().__init__(
+            f"{path}: could not write {what}: {cause}; {free_space_text(path)} (free some "
+            "space or make it writable, or write the run elsewhere with --output)"
+        )
+
+
+def refused_write_cause(exc: BaseException) -> str | None:
+    """Why ``exc`` is the disk refusing a write ("No space left on device"), or None when
+    it is some other error. Looks inside the ``CheckpointException`` that
+    ``torch.distributed.checkpoint`` wraps each rank's error in."""
+    if isinstance(exc, WriteRefused):
+        return exc.cause
+    if isinstance(exc, OSError) and exc.errno in _REFUSED_ERRNOS:
+        return os.strerror(exc.errno)
+    failures = getattr(exc, "failures", None)  # DCP: {rank: (exception, traceback)}
+    if isinstance(failures, dict):
+        for failure in failures.values():
+            inner = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(inner, BaseException) and (cause := refused_write_cause(inner)):
+                return cause
+    text = str(exc)
+    if any(marker in text for marker in _REFUSED_TEXTS):
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        return f"the disk refused the write ({first[:300]})"
+    return None
+
+
+@contextmanager
+def explain_refused_writes(path: str | Path, what: str) -> Iterator[None]:
+    """Inside, a write the disk refuses comes out as ``WriteRefused`` naming ``path``,
+    ``what`` it held and the free space there; any other error passes unchanged."""
+    try:
+        yield
+    except WriteRefused:
+        raise
+    except BaseException as e:  # DCP's CheckpointException is a BaseException
+        cause = refused_write_cause(e)
+        if cause is None:
+            raise
+        raise WriteRefused(path, what, cause) from e
+
+
+def free_space_text(path: str | Path) -> str:
+    """For the filesystem ``path`` is (to be) on: "its filesystem has 12.0 GiB free of
+    100.0 GiB"."""
+    where = Path(path).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        usage = shutil.disk_usage(where)
+    except OSError as e:
+        return f"the free space of its filesystem is unknown ({e.strerror})"
+    return f"its filesystem has {_size(usage.free)} free of {_size(usage.total)}"
+
+
+def _size(n_bytes: int) -> str:
+    if n_bytes < 1024:
+        return f"{n_bytes} B"
+    size = float(n_bytes)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        size /= 1024
+        if size < 1024 or unit == "TiB":
+            break
+    return f"{size:.1f} {unit}"

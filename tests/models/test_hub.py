@@ -303,15 +303,15 @@ def test_train_refuses_an_unavailable_model_before_any_work(
 
 
 def test_check_compute_downloads_only_when_asked(hub: FakeHub, tmp_path: Path) -> None:
-    from vlmtune.cli.train import _check_compute
+    from vlmtune.job_checks import check_compute
 
     job = load_job(_job(tmp_path, REPO, 'revision = "v1.0"\n'))
-    assert _check_compute(job) == []  # a --dry-run: nothing fetched
+    assert check_compute(job) == []  # a --dry-run: nothing fetched
     assert hub.requests == []
-    assert _check_compute(job, download=True) == []
+    assert check_compute(job, download=True) == []
     assert resolve_model_path(REPO, revision="v1.0").name == PINNED_SHA  # now cached
     local = load_job(_job(tmp_path, "tiny-qwen3-vl", 'revision = "v1.0"\n'))
-    assert _check_compute(local)[0].startswith("job.revision: 'v1.0' pins a Hugging Face hub id")
+    assert check_compute(local)[0].startswith("job.revision: 'v1.0' pins a Hugging Face hub id")
 
 
 def test_a_job_trains_the_pinned_revision(hub: FakeHub, tmp_path: Path) -> None:

@@ -279,3 +279,30 @@ def test_qlora_on_cuda(batch) -> None:
     cuda_batch = {k: v.to("cuda") for k, v in batch.items()}
     lm.model(**cuda_batch).logits.float().logsumexp(-1).mean().backward()
     assert all(p.grad is not None for p in lm.model.parameters() if p.requires_grad)
+
+
+def test_models_loaded_from_several_threads_at_once_are_whole() -> None:
+    """A server rebuilds several runs' engines at once after a restart. transformers
+    builds under a process-wide meta-device patch, so unserialised loads left meta
+    tensors in each other's models ("Cannot copy out of meta tensor")."""
+    import threading
+
+    from vlmtune.models.loading import ModelRequest, load_model
+
+    problems: list[str] = []
+
+    def load() -> None:
+        try:
+            model = load_model(ModelRequest("tiny-qwen3-vl")).model
+            meta = [name for name, p in model.named_parameters() if p.is_meta]
+            if meta:
+                problems.append(f"{len(meta)} parameters left on the meta device")
+        except Exception as e:  # the failure this guards against
+            problems.append(repr(e))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert problems == []

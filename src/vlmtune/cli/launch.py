@@ -22,11 +22,6 @@ from vlmtune.engine.distributed import ENV_LAUNCHED
 RDZV_PORT = 29500
 
 
-def already_launched() -> bool:
-    """True inside a process torchrun started (ours, or a user's own torchrun command)."""
-    return bool(os.environ.get(ENV_LAUNCHED)) or "TORCHELASTIC_RUN_ID" in os.environ
-
-
 @dataclass(frozen=True)
 class LaunchPlan:
     nproc_per_node: int

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 if TYPE_CHECKING:
+    from vlmtune.config import JobFile
     from vlmtune.sdk.jobs import JobsClient
 
 DEFAULT_DATA_DIR = Path(os.environ.get("VLMTUNE_DATA_DIR", "~/.vlmtune/server")).expanduser()
@@ -35,15 +36,34 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     api_keys_file: Annotated[
-        Path | None, typer.Option(help="extra keys: one per line, plain or kid:salt:digest")
+        Path | None,
+        typer.Option(
+            help="extra keys, one per line: [tenant:]<key> or kid:salt:digest[:tenant] "
+            "(tenant * marks an operator key; none: the default tenant)"
+        ),
     ] = None,
     max_body_mb: Annotated[float, typer.Option(help="largest request body accepted")] = 64.0,
     max_loaded_models: Annotated[int, typer.Option(help="inference engines kept loaded")] = 2,
     max_concurrent_jobs: Annotated[int, typer.Option(help="TOML jobs run at once")] = 1,
+    allow_data_root: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--allow-data-root",
+            help="a folder TOML jobs may read (data, images, model directories) besides "
+            "their uploads; repeat for several (default: uploads only)",
+        ),
+    ] = None,
 ) -> None:
     """Serve the training API (Tinker-compatible), jobs and OpenAI chat completions."""
     from vlmtune.server import ServerConfig, run_server
+    from vlmtune.server.job_access import resolved_roots
     from vlmtune.server.store import Store
+
+    try:
+        roots = resolved_roots(allow_data_root or [], data_dir)
+    except ValueError as e:
+        _err(str(e))
+        raise typer.Exit(2) from None
 
     try:
         loopback = ipaddress.ip_address(host).is_loopback
@@ -55,16 +75,24 @@ def serve(
     if api_keys_file is not None and not api_keys_file.is_file():
         _err(f"--api-keys-file: {api_keys_file} does not exist")
         raise typer.Exit(2)
+    from vlmtune.server.auth import KeyChecker
+
     store = Store(data_dir / "server.db")
     n_keys = store.active_key_count()
-    store.close()
+    try:
+        KeyChecker(store, api_keys_file)  # a bad line (or tenant) stops here, not at startup
+    except ValueError as e:
+        _err(f"--api-keys-file: {e}")
+        raise typer.Exit(2) from None
+    finally:
+        store.close()
     if n_keys == 0 and api_keys_file is None:
         _err(f"no API keys yet: every request will get 401. Create one with "
              f"`vlmtune keys create --data-dir {data_dir}`")  # fmt: skip
     config = ServerConfig(
         data_dir=data_dir, host=host, port=port, api_keys_file=api_keys_file,
         max_body_mb=max_body_mb, max_loaded_models=max_loaded_models,
-        max_concurrent_jobs=max_concurrent_jobs,
+        max_concurrent_jobs=max_concurrent_jobs, allowed_data_roots=roots,
     )  # fmt: skip
     run_server(config)
 
@@ -73,26 +101,40 @@ def serve(
 def keys_create(
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     label: Annotated[str, typer.Option(help="a note to tell keys apart")] = "",
+    tenant: Annotated[
+        str, typer.Option(help="the tenant the key speaks for: it sees only that tenant's work")
+    ] = "default",
+    operator: Annotated[
+        bool, typer.Option("--operator", help="the key sees and acts on every tenant's work")
+    ] = False,
 ) -> None:
     """Create an API key and print it (only its salted hash is stored: copy it now)."""
-    from vlmtune.server.auth import create_key
+    from vlmtune.server.auth import check_tenant, create_key
     from vlmtune.server.store import Store
 
+    try:
+        check_tenant(tenant)
+    except ValueError as e:
+        _err(f"--tenant: {e}")
+        raise typer.Exit(2) from None
     store = Store(data_dir / "server.db")
-    key = create_key(store, label)
+    key = create_key(store, label, tenant, operator)
     store.close()
     typer.echo(key)
 
 
 @keys_app.command("list")
 def keys_list(data_dir: DataDirOpt = DEFAULT_DATA_DIR) -> None:
-    """Key ids, labels and status (never the keys)."""
+    """Key ids, status, tenants and labels (never the keys)."""
     from vlmtune.server.store import Store
 
     store = Store(data_dir / "server.db")
     for row in store.api_keys():
         status = "revoked" if row["revoked"] else "active"
-        typer.echo(f"tml-{row['kid']}_...  {status:8s}  {row['label']}")
+        role = "operator" if row["operator"] else "tenant"
+        typer.echo(
+            f"tml-{row['kid']}_...  {status:8s}  {role:8s}  {row['tenant']:16s}  {row['label']}"
+        )
     store.close()
 
 
@@ -165,23 +207,46 @@ def submit_job(
     """Send a TOML job to a server; with ``poll``, stream its events and print the model id.
 
     The job is validated here first (every problem reported at once, before anything is
-    sent), with overrides applied and data paths made absolute: the server reads the
-    files itself, so they must be paths it can see. Returns the exit code.
+    sent), with overrides applied and relative paths resolved from the job file's folder.
+    Its data and validation files are then uploaded (``POST /v1/files``, skipped when the
+    server has the same bytes) and named by their ids; the server validates it again and
+    checks every other path it reads against the folders it allows. Returns the exit
+    code: 2 for a config either side refuses.
     """
+    import httpx
+
     from vlmtune.config import ConfigError, dump_toml, load_job
+    from vlmtune.job_checks import data_file_problems
     from vlmtune.sdk.http import RemoteError
+    from vlmtune.sdk.jobs import JobRejected
 
     path = Path(config_path)
     try:
         job = load_job(path, overrides or [], method=type_)
+        problems = [
+            p
+            for key in ("data", "validation_data")
+            if not _on_server(getattr(job.job, key))
+            for p in data_file_problems(f"job.{key}", getattr(job.job, key))
+        ]
+        if problems:
+            raise ConfigError(str(path), problems)
     except ConfigError as e:
         _err(str(e))
         return 2
     name = job.job.name or path.stem
     client = _jobs(server_url, api_key)
     try:
+        for note in _for_server(job, client):
+            _err(note)
         created = client.submit_toml(dump_toml(job), type_, [], name)
-    except (RemoteError, OSError) as e:
+    except JobRejected as e:
+        _err(
+            f"{server_url}: the server refused {path}:\n"
+            + "\n".join(f"  - {p}" for p in e.problems)
+        )
+        return 2
+    except (RemoteError, OSError, httpx.HTTPError) as e:
         _err(f"{server_url}: job not accepted: {e}")
         return 1
     job_id = created["id"]
@@ -199,13 +264,49 @@ def submit_job(
         _err(f"lost contact with {server_url}: {e} (the job goes on: vlmtune jobs show {job_id})")
         return 1
     if final["state"] != "succeeded":
-        _err(
-            f"job {job_id} {final['state']}"
-            + (f":\n{final['error']}" if final.get("error") else "")
-        )
+        from vlmtune.cli.train_stops import job_failure_text
+
+        reason = job_failure_text(final.get("error"))
+        _err(f"job {job_id} {final['state']}" + (f": {reason}" if reason else ""))
         return 1
     typer.echo(final["model_id"] or job_id)
     return 0
+
+
+def _on_server(value: str | None) -> bool:
+    """A data value naming an upload (``file-<id>``, which load_job made a path under the
+    job file's folder) rather than a file here."""
+    from vlmtune.protocol.files import is_file_id
+
+    return value is not None and is_file_id(Path(value).name) and not Path(value).exists()
+
+
+def _for_server(job: JobFile, client: JobsClient) -> list[str]:
+    """Make the job one the server can run, in place, and say what changed: data files
+    uploaded and named by id, and the folders it would write on this machine left to the
+    server (which keeps everything a job writes in the job's own folder)."""
+    notes = []
+    for key in ("data", "validation_data"):
+        value = getattr(job.job, key)
+        if value is None:
+            continue
+        if _on_server(value):
+            setattr(job.job, key, Path(value).name)
+            continue
+        row = client.upload_file(value)
+        setattr(job.job, key, row["id"])
+        how = "is on the server already as" if row.get("reused") else "uploaded as"
+        notes.append(f"job.{key}: {value} {how} {row['id']} ({row['bytes']:,} bytes)")
+    if Path(job.job.output_dir).expanduser().is_absolute():
+        notes.append(f"job.output_dir: {job.job.output_dir} is not sent (the server chooses "
+                     "where a job's run goes)")  # fmt: skip
+        job.job.output_dir = "runs"
+    cache = job.training.image_cache_dir
+    if cache is not None and Path(cache).expanduser().is_absolute():
+        job.training.image_cache_dir = Path(cache).name or "image_cache"
+        notes.append(f"training.image_cache_dir: {cache} is a folder here; on the server the "
+                     f"cache is {job.training.image_cache_dir!r} in the job's folder")  # fmt: skip
+    return notes
 
 
 def register(app: typer.Typer) -> None:

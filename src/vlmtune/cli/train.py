@@ -5,15 +5,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
-from vlmtune.cli.job_checks import data_file_problems, lora_target_problems
 from vlmtune.config import ConfigError, JobFile, load_job
-
-if TYPE_CHECKING:
-    from vlmtune.models.registry import ModelSpec
+from vlmtune.job_checks import check_compute, machine_problems
 
 
 def _err(message: str) -> None:
@@ -26,155 +23,6 @@ def report_resolved(job: JobFile, say: Callable[[str], None]) -> None:
 
     for line in resolved_lines(job):
         say(line)
-
-
-def _check_model(job: JobFile) -> tuple[ModelSpec | None, list[str], bool]:
-    """(the model's spec if known, its problems, whether it still has to be downloaded).
-
-    Resolves ``job.model`` as training will, without downloading: an unknown name, a
-    missing directory or, with HF_HUB_OFFLINE=1, an uncached hub id is refused here.
-    """
-    from vlmtune.models.loading import (
-        ModelNotCachedError,
-        ModelNotFoundError,
-        hub_repo_id,
-        resolve_model_path,
-    )
-    from vlmtune.models.registry import get_model_spec, spec_from_dir
-
-    model, revision = job.job.model, job.job.revision
-    if revision is not None and hub_repo_id(model) is None:
-        problem = (
-            f"job.revision: {revision!r} pins a Hugging Face hub id, and job.model = {model!r} "
-            "is a local model (remove job.revision)"
-        )
-        return None, [problem], False
-    try:
-        path = resolve_model_path(model, revision=revision)
-    except ModelNotCachedError:  # a hub id: `vlmtune train` downloads it after the checks
-        path = None
-    except (ModelNotFoundError, ValueError) as e:
-        return None, [f"job.model: {e}"], False
-    try:
-        return get_model_spec(model), [], path is None
-    except (KeyError, ValueError):
-        pass
-    if path is None or (path / "adapter_config.json").is_file():
-        return None, [], path is None  # an adapter's base is resolved when it loads
-    if not (path / "config.json").is_file():
-        return None, [f"job.model: {path} has no config.json (nor adapter_config.json)"], False
-    try:
-        return spec_from_dir(path), [], False
-    except (KeyError, ValueError) as e:
-        return None, [f"job.model: {e}"], False
-
-
-def _check_compute(
-    job: JobFile,
-    procs_per_node: int | None = None,
-    *,
-    download: bool = False,
-    machine: bool = True,
-) -> list[str]:
-    """Problems the machine or the model family rules out, found before any work.
-
-    ``procs_per_node``: ``--nproc`` (default: ``[compute] gpu_count``, or torchrun's
-    LOCAL_WORLD_SIZE inside a launched process). ``download``: fetch a hub model missing
-    from the cache once everything else checks out, so that the processes torchrun
-    starts find it cached (a ``--dry-run`` does not). ``machine``: include what this
-    machine lacks (``_machine_problems``).
-    """
-    spec, problems, pending_download = _check_model(job)
-    if machine:
-        problems += _machine_problems(job, procs_per_node)
-    per_node = _procs_per_node(job, procs_per_node)
-    if spec is not None and spec.min_gpus > per_node * job.compute.nodes:
-        problems.append(
-            f"job.model: {spec.name} needs at least {spec.min_gpus} GPUs; compute asks for "
-            f"{per_node * job.compute.nodes}"
-        )
-    for key in ("data", "validation_data"):
-        problems += data_file_problems(f"job.{key}", getattr(job.job, key))
-    if job.finetune_mode != "full" and not problems:
-        problems += lora_target_problems(job)
-    if download and pending_download and not problems:
-        from vlmtune.models.loading import ModelNotFoundError, resolve_model_path
-
-        try:
-            resolve_model_path(job.job.model, revision=job.job.revision, download=True)
-        except (ModelNotFoundError, ValueError) as e:
-            problems.append(f"job.model: {e}")
-    return problems
-
-
-def _procs_per_node(job: JobFile, procs_per_node: int | None) -> int:
-    """``--nproc``, else torchrun's LOCAL_WORLD_SIZE inside a launched process, else gpu_count."""
-    import os
-
-    from vlmtune.cli.launch import already_launched
-
-    if procs_per_node is not None:
-        return procs_per_node
-    if already_launched():
-        return int(os.environ.get("LOCAL_WORLD_SIZE", job.compute.gpu_count))
-    return job.compute.gpu_count
-
-
-def _machine_problems(job: JobFile, procs_per_node: int | None) -> list[str]:
-    """What this machine lacks for the job (GPUs, CUDA, packages).
-
-    Kept apart from the job's own problems so that ``--dry-run`` and ``vlmtune plan``
-    show a GPU job's plan on a laptop, listing these as notes instead of refusing.
-    """
-    import importlib.util
-
-    import torch
-
-    from vlmtune.cli.launch import already_launched
-
-    problems: list[str] = []
-    c = job.compute
-    launched = already_launched()
-    per_node = _procs_per_node(job, procs_per_node)
-    on_cpu = c.gpu_type == "cpu" or job.training.device == "cpu" or not torch.cuda.is_available()
-    if on_cpu and c.gpu_count > 1 and c.gpu_type != "cpu" and procs_per_node is None:
-        if not launched:
-            problems.append(
-                f"compute.gpu_count: {c.gpu_count} GPUs per node asked for, but this machine has "
-                "no CUDA GPU (or training.device is cpu); pass --nproc N to train on N CPU "
-                "processes, or set gpu_count = 1"
-            )
-    elif not on_cpu and per_node > torch.cuda.device_count():
-        problems.append(
-            f"compute.gpu_count: {per_node} processes per node need as many GPUs; this machine "
-            f"has {torch.cuda.device_count()}"
-        )
-    if job.algorithm.variety == "qlora":
-        if not torch.cuda.is_available():
-            problems.append(
-                "algorithm.variety: qlora needs a CUDA GPU (bitsandbytes 4-bit weights) and "
-                "this machine has none; `vlmtune plan` shows the plan here, and "
-                'training.use_qlora = false (or variety = "lora") trains LoRA on the CPU'
-            )
-        elif importlib.util.find_spec("bitsandbytes") is None:
-            problems.append(
-                "algorithm.variety: qlora needs the bitsandbytes package "
-                "(pip install 'vlmtune[qlora]')"
-            )
-    if job.training.attention == "flash_attention_2":
-        if on_cpu:
-            problems.append("training.attention: flash_attention_2 needs a CUDA GPU; use sdpa")
-        elif importlib.util.find_spec("flash_attn") is None:
-            problems.append(
-                "training.attention: flash_attention_2 needs the flash-attn package "
-                "(pip install flash-attn --no-build-isolation), or use sdpa"
-            )
-    if c.cpu_offload and on_cpu:
-        problems.append(
-            "compute.cpu_offload: offloads GPU memory to the host; on the CPU everything is "
-            "already in host memory (remove it, or set it only on a machine with CUDA GPUs)"
-        )
-    return problems
 
 
 def train(
@@ -214,21 +62,21 @@ def train(
         raise typer.Exit(2)
     try:
         job = load_job(config, overrides or [], method=type_)
-        problems = _check_compute(job, nproc, download=not dry_run, machine=not dry_run)
+        problems = check_compute(job, nproc, download=not dry_run, machine=not dry_run)
         if problems:
             raise ConfigError(str(config), problems)
     except ConfigError as e:
         _err(str(e))
         raise typer.Exit(2) from None
-    from vlmtune.cli import launch
+    from vlmtune.engine.distributed import already_launched
     from vlmtune.recipes.common import is_main_process
 
     if dry_run:  # no recipe runs, which would print these (recipes.common.prepare)
         report_resolved(job, _err)
-        for problem in _machine_problems(job, nproc):
+        for problem in machine_problems(job, nproc):
             _err(f"on this machine, training would stop here: {problem}")
     procs = nproc or job.compute.gpu_count
-    if not launch.already_launched() and (procs > 1 or job.compute.nodes > 1 or dry_run):
+    if not already_launched() and (procs > 1 or job.compute.nodes > 1 or dry_run):
         raise typer.Exit(
             _launch(job, config, type_, output, resume, overrides or [], procs, dry_run)
         )
@@ -236,10 +84,16 @@ def train(
     # applies and prints the vision defaults (recipes.common.prepare), as from Python.
     say = _err if is_main_process() else (lambda message: None)
     run_dir = output or Path(job.job.output_dir) / (job.job.name or config.stem)
+    import os
+    import sys
     from functools import partial
 
+    from vlmtune.atomic import WriteRefused
+    from vlmtune.cli.train_stops import EXIT_INTERRUPTED, STOPPED_PREFIX, interrupted_message
+    from vlmtune.engine.distributed import ENV_LAUNCHED
     from vlmtune.engine.divergence import DivergedError
     from vlmtune.recipes import dpo, rl, sft
+    from vlmtune.recipes.run_dir import ResumeError
 
     recipes: dict[str, Callable[..., dict[str, Any]]] = {
         "sft": sft.run,
@@ -248,12 +102,17 @@ def train(
     }
     try:
         summary = recipes[type_](job, run_dir, resume=resume, log=say)
-    except ConfigError as e:  # found by a recipe before any training (e.g. an unknown reward)
-        _err(str(e))
+    except (ConfigError, ResumeError) as e:  # found by a recipe before any training
+        say(str(e))
         raise typer.Exit(2) from None
-    except DivergedError as e:  # a training failure, not a config error: exit 1
-        say(f"training stopped: {e}")
+    except (DivergedError, WriteRefused) as e:  # the job was right; the run went wrong
+        say(f"{STOPPED_PREFIX}{e}")
         raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        # Under our own torchrun, the `vlmtune train` that launched it reports (_launch).
+        if not os.environ.get(ENV_LAUNCHED):
+            say(interrupted_message(run_dir, sys.argv))
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     if is_main_process():
         typer.echo(json.dumps(summary))
 
@@ -287,7 +146,16 @@ def _launch(
         return 0
     if plan.nodes > 1:
         _err("starting node 0 here")
-    return launch.run(plan)
+    try:
+        return launch.run(plan)
+    except KeyboardInterrupt:
+        import sys
+
+        from vlmtune.cli.train_stops import EXIT_INTERRUPTED, interrupted_message
+
+        run_dir = output or Path(job.job.output_dir) / (job.job.name or config.stem)
+        _err(interrupted_message(run_dir, sys.argv))
+        return EXIT_INTERRUPTED
 
 
 def eval_cmd(

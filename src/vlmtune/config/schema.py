@@ -128,8 +128,9 @@ class TrainingConfig(_Section):
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
     attention: Literal["sdpa", "flash_attention_2"] = Field(
         "sdpa",
-        description="attention kernel: sdpa (any device; a packed row builds a T x T mask), "
-        "or flash_attention_2 (CUDA and the flash-attn package; varlen, no mask)",
+        description="attention kernel: sdpa (any device; packed rows attend per example, "
+        "with flash-attn varlen on CUDA when installed), or flash_attention_2 (CUDA and "
+        "the flash-attn package everywhere); neither builds a T x T mask for packed rows",
     )
     image_workers: int | None = Field(
         None, ge=0, description="image preprocessing processes (unset: auto, 0: in-process)"

@@ -20,6 +20,7 @@ from vlmtune.atomic import atomic_write
 from vlmtune.data.errors import RowError
 from vlmtune.data.fetch import FetchPolicy, fetch_image
 from vlmtune.data.images import DEFAULT_MAX_PIXELS, probe_image
+from vlmtune.data.lines import read_lines
 from vlmtune.data.refs import RefContext, data_url, is_remote, read_local, ref_scheme, shorten
 from vlmtune.data.rows import KINDS
 
@@ -172,8 +173,12 @@ def inline_dataset(
     inliner = _Inliner(RefContext.for_dataset(in_path, image_root, max_image_pixels), policy)
     report = InlineReport(path=str(in_path), out=str(out_path))
     with in_path.open("rb") as src, atomic_write(out_path) as dst:
-        for line_no, raw in enumerate(src, start=1):
-            line = _inline_line(raw, line_no, kind, inliner, report)
+        for read in read_lines(src):
+            if read.too_long:
+                report.total += 1
+                report.failed.append({"line": read.number, "reason": read.too_long_reason()})
+                continue
+            line = _inline_line(read.data, read.number, kind, inliner, report)
             if line is not None:
                 dst.write(line + "\n")
                 report.written += 1

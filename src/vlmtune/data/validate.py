@@ -1,8 +1,10 @@
 """The one loader that ``vlmtune data validate`` and training both use.
 
 It streams: one line is read, parsed and checked at a time, so validating a file of
-any size holds one row in memory. Every problem with a row becomes a dropped row with
-a reason in the report, never an exception; only an unreadable file raises.
+any size holds one row in memory, and no line longer than ``lines.MAX_LINE_BYTES`` is
+held at all (a dataset written as one JSON array). Every problem with a row becomes a
+dropped row with a reason in the report, never an exception; only an unreadable file
+raises.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import BinaryIO
 
 from vlmtune.data.errors import RowError
 from vlmtune.data.images import DEFAULT_MAX_PIXELS
+from vlmtune.data.lines import read_lines
 from vlmtune.data.refs import RefContext
 from vlmtune.data.report import ValidationReport
 from vlmtune.data.rows import KINDS, RowParser
@@ -67,8 +70,13 @@ def _rows(f: BinaryIO, parser: RowParser, report: ValidationReport | None) -> It
             log.warning("line %d dropped: %s", line, reason)
 
     with f:
-        for line_no, raw in enumerate(f, start=1):
-            raw = raw.strip()
+        for line in read_lines(f):
+            line_no, raw = line.number, line.data.strip()
+            if line.too_long:
+                if report is not None:
+                    report.total += 1
+                drop(line_no, line.too_long_reason(), "line too long")
+                continue
             if not raw:
                 continue  # blank lines are layout, not rows
             if report is not None:
@@ -80,6 +88,9 @@ def _rows(f: BinaryIO, parser: RowParser, report: ValidationReport | None) -> It
                 continue
             if line_no == 1:
                 text = text.removeprefix("\ufeff")  # a BOM some editors write
+            if text.startswith("["):  # a dataset as one array: parsed, 10-20x its size
+                drop(line_no, "row is an array, not a JSON object", "not a JSON object")
+                continue
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as exc:

@@ -64,7 +64,7 @@ def load_training_state(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, info: dist_utils.DistInfo
 ) -> dict[str, Any]:
     """Load what ``save_training_state`` wrote, at this run's world size; returns the meta."""
-    meta = json.loads((path / "state.json").read_text())
+    meta = read_meta(path)
     if not (path / DCP_DIR).is_dir():
         if info.enabled:
             raise ValueError(
@@ -100,6 +100,133 @@ def load_training_state(
     rng = path / f"rng-{info.rank}.pt"
     _set_rng_state(torch.load(rng if rng.exists() else path / "rng-0.pt", weights_only=False))
     return meta
+
+
+# EngineConfig fields that decide what a checkpoint holds and what its tensors mean:
+# which weights train (mode, targets, freezing), their shapes (rank) and the base they
+# add to. Resuming under other values fails inside DCP or, worse, loads silently into a
+# different model. lora_alpha changes no shape, but the scale the LoRA weights were
+# trained under: the same weights would describe another model.
+STATE_FIELDS = (
+    "base_model", "mode", "lora_rank", "lora_alpha", "target_modules",
+    "freeze_vision_tower", "freeze_projector", "freeze_embeddings",
+)  # fmt: skip
+_LORA_FIELDS = frozenset({"lora_rank", "lora_alpha", "target_modules"})
+
+
+def state_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(field, saved value, value now)`` for each ``STATE_FIELDS`` entry that differs
+    between two engine configs (``asdict(EngineConfig)``, as ``state.json`` keeps it).
+    LoRA settings are not compared between two full fine-tunes, which ignore them."""
+    both_full = saved.get("mode") == now.get("mode") == "full"
+    return [
+        (key, saved.get(key), now.get(key))
+        for key in STATE_FIELDS
+        if key in saved
+        and saved.get(key) != now.get(key)
+        and not (both_full and key in _LORA_FIELDS)
+    ]
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """``state.json`` of the checkpoint ``path``: step, engine config, extra, world size."""
+    meta = json.loads((path / "state.json").read_text())
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise ValueError("state.json has no integer step")
+    return meta
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be resumed from (a missing, truncated or unreadable part),
+    or None. Cheap: it reads the small files and compares each shard's size with the
+    byte ranges DCP's own ``.metadata`` records for it, without reading the tensors (a
+    large run's checkpoint is many GB). A checkpoint is published only once whole
+    (``atomic_dir``), so this catches what happens to it afterwards: a copy cut short,
+    a file deleted, a disk that lost the tail of a file. Bytes changed in place keep
+    their sizes and are found only by loading."""
+    try:
+        meta = read_meta(path)
+    except FileNotFoundError:
+        return "state.json: missing"
+    except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
+        return f"state.json: {_reason(e)}"
+    if not (path / DCP_DIR).is_dir():
+        return _legacy_problem(path)
+    problem = _dcp_problem(path / DCP_DIR)
+    if problem is not None:
+        return problem
+    world = meta.get("world_size", 1)
+    for rank in range(world if isinstance(world, int) and world > 0 else 1):
+        problem = _torch_file_problem(path / f"rng-{rank}.pt", load=True)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _dcp_problem(dcp_dir: Path) -> str | None:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        storage = FileSystemReader(str(dcp_dir)).read_metadata().storage_data
+    except Exception as e:  # a truncated pickle raises anything from EOFError up
+        return f"{DCP_DIR}/.metadata: unreadable ({_reason(e)})"
+    needed: dict[str, int] = {}
+    for info in storage.values():
+        end = info.offset + info.length
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, end in sorted(needed.items()):
+        try:
+            size = (dcp_dir / name).stat().st_size
+        except OSError:
+            return f"{DCP_DIR}/{name}: missing"
+        if size < end:
+            return f"{DCP_DIR}/{name}: truncated ({size:,} of at least {end:,} bytes)"
+    return None
+
+
+def _legacy_problem(path: Path) -> str | None:
+    """The format before DCP: trainable.safetensors + optimizer.pt + rng.pt."""
+    weights = path / "trainable.safetensors"
+    if not weights.is_file():
+        return f"neither {DCP_DIR}/ nor trainable.safetensors"
+    try:
+        with weights.open("rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        size = weights.stat().st_size
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        return f"trainable.safetensors: unreadable ({_reason(e)})"
+    if size < 8 + header_len + max(ends, default=0):
+        return f"trainable.safetensors: truncated ({size:,} bytes)"
+    if (path / "optimizer.pt").exists():
+        problem = _torch_file_problem(path / "optimizer.pt", load=False)
+        if problem is not None:
+            return problem
+    return _torch_file_problem(path / "rng.pt", load=True)
+
+
+def _torch_file_problem(path: Path, load: bool) -> str | None:
+    """A ``torch.save`` file is a zip whose directory is written last: opening it finds
+    a cut. ``load`` also unpickles it (the RNG files, a few KB)."""
+    import zipfile
+
+    name = path.name
+    if not path.is_file():
+        return f"{name}: missing"
+    try:
+        with zipfile.ZipFile(path):
+            pass
+        if load:
+            torch.load(path, weights_only=False)
+    except Exception as e:
+        return f"{name}: unreadable ({_reason(e)})"
+    return None
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, Any]:

@@ -37,6 +37,11 @@ V = TypeVar("V")
 ENV_LAUNCHED = "VLMTUNE_LAUNCHED"
 
 
+def already_launched() -> bool:
+    """True inside a process torchrun started (ours, or a user's own torchrun command)."""
+    return bool(os.environ.get(ENV_LAUNCHED)) or "TORCHELASTIC_RUN_ID" in os.environ
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int = 0

@@ -13,6 +13,7 @@ missing (``models/hub.py``), ``resolve_model_path`` only when asked. Adapters li
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,6 +237,14 @@ class BuildOptions:
     download: bool = True  # fetch a hub id missing from the cache (False: refuse)
 
 
+# One model loads at a time per process. transformers builds a model under a
+# process-wide "parameters go on the meta device" patch, so two threads building at once
+# (a server rebuilding several runs after a restart) leave meta tensors in each other's
+# models ("Cannot copy out of meta tensor"); and its lazy imports race on first use
+# ("cannot import name 'AutoProcessor'").
+BUILD_LOCK = threading.RLock()
+
+
 def load_model(request: ModelRequest | str, options: BuildOptions | None = None) -> LoadedModel:
     """Model + processor with what trains set: resolve, build, adapt.
 
@@ -246,22 +255,30 @@ def load_model(request: ModelRequest | str, options: BuildOptions | None = None)
     options = options or BuildOptions()
     if request.mode == "qlora":
         _check_qlora_possible()  # before reading gigabytes of weights
-    files = resolve_model_files(
-        request.name_or_path,
-        request.min_pixels,
-        request.max_pixels,
-        revision=request.revision,
-        download=options.download,
-    )
-    model = build_model(files.path, request.mode, options)
-    requested = adapter_base_name(files.adapter_dir) if files.adapter_dir else request.name_or_path
-    base_name = portable_base_name(files.spec, files.path, requested)
-    model = adapt_model(model, request, files.adapter_dir, options, base_name)
+    with BUILD_LOCK:
+        files = resolve_model_files(
+            request.name_or_path,
+            request.min_pixels,
+            request.max_pixels,
+            revision=request.revision,
+            download=options.download,
+        )
+        requested = (
+            adapter_base_name(files.adapter_dir) if files.adapter_dir else request.name_or_path
+        )
+        base_name = portable_base_name(files.spec, files.path, requested)
+        model = build_model(files.path, request.mode, options)
+        model = adapt_model(model, request, files.adapter_dir, options, base_name)
     return LoadedModel(model, files.processor, files.spec, files.path, request.mode, base_name)
 
 
 def build_model(path: Path, mode: TrainingMode, options: BuildOptions) -> nn.Module:
     """The checkpoint's model as ``options`` place it (qlora: 4-bit language weights)."""
+    with BUILD_LOCK:
+        return _build_model(path, mode, options)
+
+
+def _build_model(path: Path, mode: TrainingMode, options: BuildOptions) -> nn.Module:
     from transformers import AutoModelForImageTextToText
 
     if options.structure_only:

@@ -12,7 +12,7 @@ from torch import nn
 
 from vlmtune.atomic import atomic_dir
 from vlmtune.models.adapters import adapter_base_name, is_peft_model, merge_adapter
-from vlmtune.models.loading import LoadedModel, load_processor, resolve_model_path
+from vlmtune.models.loading import BUILD_LOCK, LoadedModel, load_processor, resolve_model_path
 
 
 def save_model_dir(
@@ -80,8 +80,9 @@ def merge_adapter_to_dir(
 
     adapter_dir = Path(adapter_dir)
     base_path = resolve_model_path(base or adapter_base_name(adapter_dir))
-    model = AutoModelForImageTextToText.from_pretrained(str(base_path), dtype=torch.float32)
-    merged = merge_adapter(model, adapter_dir)
+    with BUILD_LOCK:  # one model built at a time per process (see BUILD_LOCK)
+        model = AutoModelForImageTextToText.from_pretrained(str(base_path), dtype=torch.float32)
+        merged = merge_adapter(model, adapter_dir)
     # The adapter dir's processor carries the run's pixel limits; fall back to the base's.
     processor_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_path
     processor = load_processor(processor_src)

@@ -13,8 +13,24 @@ from typing import Any, Literal
 from pydantic import Field
 
 from vlmtune.protocol.errors import BadRequest
-from vlmtune.protocol.wire import WireAdam, WireDatum, WireModel, WireModelInput, WireSamplingParams
+from vlmtune.protocol.wire import (
+    INT64_MAX,
+    Int64,
+    SeqId,
+    WireAdam,
+    WireDatum,
+    WireModel,
+    WireModelInput,
+    WireSamplingParams,
+)
 from vlmtune.types import AdamParams, Datum
+
+# The largest LoRA rank a run may ask for, over the Tinker routes or a trainer job.
+MAX_LORA_RANK = 1024
+# Micro-batches per optimizer step a trainer job may declare (more is a typo, not a plan).
+MAX_GRADIENT_ACCUMULATION = 65536
+# A model name, display name or profile reference (a hub id is at most 96 characters).
+MAX_NAME_CHARS = 200
 
 
 class ModelIdBody(WireModel):
@@ -30,9 +46,17 @@ class SessionBody(WireModel):
     session_id: str
 
 
+class CreateSessionBody(WireModel):
+    """What the ``tinker`` client sends to open a session (kept only as its size)."""
+
+    tags: list[str] = []
+    user_metadata: dict[str, Any] | None = None
+    sdk_version: str | None = None
+
+
 class SamplingSessionBody(WireModel):
     session_id: str | None = None
-    sampling_session_seq_id: int | None = None
+    sampling_session_seq_id: Int64 | None = None
     base_model: str | None = None
     model_path: str | None = None
 
@@ -45,14 +69,14 @@ class FwdBwdInput(WireModel):
 
 class ForwardBackwardBody(WireModel):
     model_id: str
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
     forward_backward_input: FwdBwdInput
     forward_only: bool = False
 
 
 class OptimStepBody(WireModel):
     model_id: str
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
     adam_params: WireAdam | None = None
     optim_params: WireAdam | None = None
     optimizer_params: dict[str, Any] | None = None
@@ -64,13 +88,13 @@ class OptimStepBody(WireModel):
 
 
 class LoraWire(WireModel):
-    rank: int = Field(ge=0, le=1024)
-    seed: int | None = None
+    rank: int = Field(ge=0, le=MAX_LORA_RANK)
+    seed: Int64 | None = None  # torch seeds are 64-bit
 
 
 class CreateModelBody(WireModel):
     session_id: str
-    model_seq_id: int = Field(ge=0)
+    model_seq_id: SeqId
     base_model: str
     lora_config: LoraWire | None = None
     user_metadata: dict[str, Any] | None = None
@@ -81,7 +105,7 @@ class CreateModelBody(WireModel):
 class SaveWeightsBody(WireModel):
     model_id: str
     path: str | None = None
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
     overwrite: bool = False
     user_metadata: dict[str, Any] | None = None
     extra: dict[str, Any] | None = None  # vlmtune extension: returned by load_state
@@ -90,8 +114,8 @@ class SaveWeightsBody(WireModel):
 class SaveSamplerBody(WireModel):
     model_id: str
     path: str | None = None
-    seq_id: int | None = None
-    sampling_session_seq_id: int | None = None
+    seq_id: SeqId | None = None
+    sampling_session_seq_id: Int64 | None = None
     kind: Literal["snapshot", "inflight"] = "snapshot"
     checkpoint_type: Literal["base", "merged"] = "base"  # vlmtune extension
     user_metadata: dict[str, Any] | None = None
@@ -99,9 +123,9 @@ class SaveSamplerBody(WireModel):
 
 class LoadWeightsBody(WireModel):
     model_id: str | None = None
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
     session_id: str | None = None
-    model_seq_id: int | None = None
+    model_seq_id: SeqId | None = None
     base_model: str | None = None
     path: str
     optimizer: bool = True
@@ -112,16 +136,16 @@ class SampleBody(WireModel):
     sampling_session_id: str | None = None
     base_model: str | None = None
     model_path: str | None = None
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
     num_samples: int = Field(1, ge=1, le=128)
     prompt: WireModelInput
     sampling_params: WireSamplingParams = Field(default_factory=WireSamplingParams)
     prompt_logprobs: bool | None = None
-    prompt_logprobs_last_n: int | None = Field(None, ge=1)
-    topk_prompt_logprobs: int = 0
-    topk_sample_logprobs: int = 0
+    prompt_logprobs_last_n: int | None = Field(None, ge=1, le=INT64_MAX)
+    topk_prompt_logprobs: Int64 = 0
+    topk_sample_logprobs: Int64 = 0
     target_prompt_logprobs: Any = None
-    prompt_alt_tokens_k: int = 0
+    prompt_alt_tokens_k: Int64 = 0
 
     def check_supported(self) -> None:
         unsupported = [

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from vlmtune.protocol.errors import BadRequest
+from vlmtune.protocol.errors import BadRequest, shown
 
 SCHEME = "tinker://"
 CheckpointKind = Literal["training", "sampler"]
@@ -34,7 +34,7 @@ def parse_tinker_path(ref: str) -> tuple[str, CheckpointKind, str]:
     """``tinker://run/weights/name`` -> (run id, kind, name), or ``BadRequest``."""
     parts = ref.removeprefix(SCHEME).split("/")
     if not is_tinker_path(ref) or len(parts) != 3 or parts[1] not in SEGMENTS:
-        raise BadRequest(f"malformed checkpoint path {ref!r} (tinker://<run>/weights/<name>)")
+        raise BadRequest(f"malformed checkpoint path {shown(ref)} (tinker://<run>/weights/<name>)")
     return parts[0], SEGMENTS[parts[1]], parts[2]
 
 

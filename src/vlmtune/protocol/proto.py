@@ -49,6 +49,8 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
 
 def _fields(buf: bytes) -> dict[int, list[Any]]:
     """Field number -> values in order (varints as int, everything else as bytes)."""
+    if not isinstance(buf, bytes):  # a sub-message sent as a varint
+        raise ProtoError("expected an embedded message, got a varint")
     out: dict[int, list[Any]] = {}
     pos, n = 0, len(buf)
     while pos < n:
@@ -93,6 +95,12 @@ def _str(fields: dict[int, list[Any]], num: int, default: str = "") -> str:
         return raw.decode()
     except UnicodeDecodeError:
         raise ProtoError(f"field {num} is not UTF-8") from None
+
+
+def _f64(raw: bytes) -> float:
+    if len(raw) != 8:  # a double sent with the wrong wire type
+        raise ProtoError(f"expected an 8-byte double, got {len(raw)} bytes")
+    return float(struct.unpack("<d", raw)[0])
 
 
 def _int32(value: int) -> int:
@@ -172,11 +180,11 @@ def decode_forward_backward_request(body: bytes) -> dict[str, Any]:
     config: dict[str, float | str] = {}
     for key, entry in _map(f.get(5, [])):  # legacy map<string, double>
         raw = _last(entry, 2, bytes)
-        config[key] = struct.unpack("<d", raw)[0] if raw is not None else 0.0
+        config[key] = _f64(raw) if raw is not None else 0.0
     for key, entry in _map(f.get(7, [])):  # map<string, LossConfigValue>, preferred
         value = _fields(_last(entry, 2, bytes, b""))
         number = _last(value, 1, bytes)
-        config[key] = struct.unpack("<d", number)[0] if number is not None else _str(value, 2)
+        config[key] = _f64(number) if number is not None else _str(value, 2)
     data = []
     for raw in f.get(3, []):
         d = _fields(raw)

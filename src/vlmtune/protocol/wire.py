@@ -14,6 +14,7 @@ import base64
 import binascii
 import json
 import math
+import re
 from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
@@ -22,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    WithJsonSchema,
     field_serializer,
     field_validator,
 )
@@ -47,16 +49,71 @@ class WireModel(BaseModel):
 
 M = TypeVar("M", bound=WireModel)
 
+INT64_MAX = 2**63 - 1
+# What SQLite, numpy and torch can hold: an integer past it is a 400 at the edge, not
+# an OverflowError deep inside.
+Int64 = Annotated[int, Field(ge=-(2**63), le=INT64_MAX)]
+SeqId = Annotated[int, Field(ge=0, le=INT64_MAX)]
+# No request shape nests deeper than a few levels; user_metadata and engine overrides
+# are free-form, and without a bound a deep one breaks json.dumps on its way to the store.
+MAX_DEPTH = 32
+# Values one loss input may unpack to (a sparse or shaped tensor is allocated densely).
+MAX_TENSOR_VALUES = 1 << 24
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SCALARS = {int, float, bool, type(None)}
+
+
+def _has_surrogate(text: str) -> bool:
+    return not text.isascii() and _SURROGATE.search(text) is not None
+
+
+def _problem(value: Any) -> str | None:
+    """Where ``value`` holds a lone UTF-16 surrogate or nests too deep, if anywhere.
+
+    JSON's ``\\ud800`` escape decodes to a string that UTF-8 (and so SQLite, and every
+    response that would echo it) cannot encode; refusing it here, once, keeps it out of
+    every handler. Iterative, so depth is a message rather than a RecursionError.
+    """
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack:
+        item, where, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return f"{where}: nested deeper than {MAX_DEPTH} levels"
+        if isinstance(item, dict):
+            for key, sub in item.items():
+                at = f"{where}.{str(key)[:40]}".lstrip(".")
+                if isinstance(key, str) and _has_surrogate(key):
+                    return f"{at}: key is not valid Unicode (a lone UTF-16 surrogate)"
+                if isinstance(sub, str):
+                    if _has_surrogate(sub):
+                        return f"{at}: not valid Unicode (a lone UTF-16 surrogate)"
+                elif isinstance(sub, dict | list):
+                    stack.append((sub, at, depth + 1))
+        elif isinstance(item, list):
+            if set(map(type, item)) <= _SCALARS:  # token ids, tensor data: C speed
+                continue
+            for i, sub in enumerate(item):
+                if isinstance(sub, str):
+                    if _has_surrogate(sub):
+                        return f"{where}[{i}]: not valid Unicode (a lone UTF-16 surrogate)"
+                elif isinstance(sub, dict | list):
+                    stack.append((sub, f"{where}[{i}]", depth + 1))
+    return None
+
 
 def parse_body(raw: bytes | dict[str, Any], model: type[M]) -> M:
     """Bytes (or a decoded dict) -> ``model``, or ``BadRequest`` naming every problem."""
     if isinstance(raw, bytes | bytearray):
         try:
             raw = json.loads(raw or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BadRequest(f"request body is not valid JSON: {e}") from None
+        # ValueError: an integer past Python's 4300-digit limit; RecursionError: nesting.
+        except (ValueError, RecursionError) as e:
+            raise BadRequest(f"request body is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(raw, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(raw).__name__}")
+    problem = _problem(raw)
+    if problem is not None:
+        raise BadRequest(f"invalid request: {problem}")
     try:
         return model.model_validate(raw)
     except ValidationError as e:
@@ -70,14 +127,15 @@ def parse_body(raw: bytes | dict[str, Any], model: type[M]) -> M:
 # ---- model input ---------------------------------------------------------------------
 class WireText(WireModel):
     type: Literal["encoded_text"] = "encoded_text"
-    tokens: list[int]
+    tokens: list[Int64]
 
 
 class WireImage(WireModel):
     type: Literal["image"]
-    data: bytes
-    format: str = "png"
-    expected_tokens: int | None = None
+    # On the JSON wire the bytes are base64 text (the protobuf wire carries them raw).
+    data: Annotated[bytes, WithJsonSchema({"type": "string", "contentEncoding": "base64"})]
+    format: str = Field("png", max_length=16)
+    expected_tokens: Int64 | None = None
 
     @field_validator("data", mode="before")
     @classmethod
@@ -112,11 +170,11 @@ class WireModelInput(WireModel):
 
 
 class WireTensor(WireModel):
-    data: list[float] | list[int]  # as ``TensorData``: token ids stay integers in JSON
+    data: list[float] | list[Int64]  # as ``TensorData``: token ids stay integers in JSON
     dtype: Literal["float32", "int64"]
-    shape: list[int] | None = None
-    sparse_crow_indices: list[int] | None = None
-    sparse_col_indices: list[int] | None = None
+    shape: list[Annotated[int, Field(ge=0, le=MAX_TENSOR_VALUES)]] | None = None
+    sparse_crow_indices: list[Int64] | None = None
+    sparse_col_indices: list[Int64] | None = None
 
     @classmethod
     def of(cls, tensor: TensorData) -> WireTensor:
@@ -126,12 +184,20 @@ class WireTensor(WireModel):
     def flat(self, where: str) -> np.ndarray:
         """The values as a 1-D array (sparse CSR densified with zeros)."""
         values = np.asarray(self.data, dtype=np.float64)
+        if self.shape is not None and math.prod(self.shape) > MAX_TENSOR_VALUES:
+            raise BadRequest(f"{where}: shape {self.shape} exceeds {MAX_TENSOR_VALUES:,} values")
         if self.sparse_crow_indices is not None:
             if self.shape is None or len(self.shape) != 2 or self.sparse_col_indices is None:
                 raise BadRequest(f"{where}: a sparse tensor needs a 2-D shape and column indices")
             rows, cols = self.shape
             crow, col = self.sparse_crow_indices, self.sparse_col_indices
-            if len(crow) != rows + 1 or len(col) != len(values) or crow[-1] != len(values):
+            if (
+                len(crow) != rows + 1
+                or len(col) != len(values)
+                or crow[0] != 0
+                or crow[-1] != len(values)
+                or any(a > b for a, b in zip(crow, crow[1:], strict=False))
+            ):  # row pointers must rise from 0 to the value count, or k below runs off
                 raise BadRequest(f"{where}: inconsistent sparse CSR indices")
             dense = np.zeros((rows, cols))
             for r in range(rows):
@@ -141,9 +207,9 @@ class WireTensor(WireModel):
                     dense[r, col[k]] = values[k]
             values = dense
         elif self.shape is not None:
-            if int(np.prod(self.shape)) != values.size:
+            if math.prod(self.shape) != values.size:
                 raise BadRequest(
-                    f"{where}: shape {self.shape} holds {int(np.prod(self.shape))} values, data has {values.size}"
+                    f"{where}: shape {self.shape} holds {math.prod(self.shape)} values, data has {values.size}"
                 )
             values = values.reshape(self.shape)
         if values.ndim > 1 and max(values.shape[1:], default=1) != 1:
@@ -194,10 +260,10 @@ class WireAdam(WireModel):
 
 class WireSamplingParams(WireModel):
     max_tokens: int | None = Field(None, ge=1, le=8192)
-    seed: int | None = Field(None, ge=0)
-    stop: str | list[str] | list[int] | None = None
+    seed: int | None = Field(None, ge=0, le=2**64 - 1)  # reduced mod 2**63 below
+    stop: str | list[str] | list[Int64] | None = None
     temperature: float = Field(1.0, ge=0, le=100)
-    top_k: int = -1
+    top_k: Int64 = -1
     top_p: float = Field(1.0, gt=0, le=1)
 
     def to_params(self) -> SamplingParams:

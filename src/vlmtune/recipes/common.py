@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO, TypeVar
@@ -22,6 +23,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from vlmtune.atomic import explain_refused_writes
 from vlmtune.config import ConfigError, HyperparametersConfig, JobFile
 from vlmtune.data import load_dataset
 from vlmtune.data.report import ValidationReport
@@ -29,15 +31,21 @@ from vlmtune.defaults import apply_vision_defaults, image_cap, resolved_lines
 from vlmtune.engine.distributed import is_main_process
 from vlmtune.engine.divergence import DivergedError
 from vlmtune.engine.engine import EngineConfig
+from vlmtune.recipes.resume import (
+    choose_checkpoint,
+    clean_run_dir,
+    last_good_checkpoint,
+    latest_checkpoint,  # noqa: F401 - imported from here by callers
+    resume_start_step,  # noqa: F401 - imported from here by the recipes
+    save_checkpoint,
+)
 from vlmtune.recipes.run_dir import REPORT_FILE, RunDir
 from vlmtune.render_rows import METHOD_KIND, RenderedRow
 from vlmtune.sdk import ServiceClient, ServiceClientProtocol, TrainingClientProtocol, connect
+from vlmtune.sdk.http import RemoteError
 from vlmtune.settings import SettingChange
 from vlmtune.types import AdamParams
 
-CHECKPOINT_PREFIX = "step-"
-# checkpoints/step-N.remote: the tinker:// path of a state a server keeps for this run
-REMOTE_SUFFIX = ".remote"
 # Where a recipe's lines go: ``print``, or rank 0's ``vlmtune train`` reporter.
 LogFn = Callable[[str], object]
 RowT = TypeVar("RowT")
@@ -83,42 +91,6 @@ def batch_indices(step: int, n_examples: int, batch_size: int, seed: int) -> lis
     return order[within * batch_size : (within + 1) * batch_size]
 
 
-def latest_checkpoint(run_dir: Path) -> str | None:
-    """The latest resumable state, as ``load_state`` takes it: ``checkpoints/step-N/``,
-    or the server path a ``checkpoints/step-N.remote`` file holds (a remote run's)."""
-    found: dict[int, str] = {}
-    for p in (run_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*"):
-        step = p.name[len(CHECKPOINT_PREFIX) :].removesuffix(REMOTE_SUFFIX)
-        if not step.isdigit():
-            continue
-        if p.is_dir() and (p / "state.json").exists():
-            found[int(step)] = str(p)
-        elif p.is_file() and p.name.endswith(REMOTE_SUFFIX):
-            found[int(step)] = p.read_text().strip()
-    return found[max(found)] if found else None
-
-
-def save_checkpoint(tc: TrainingClientProtocol, run: RunDir, step: int) -> str:
-    """Resumable state after ``step`` steps, named ``step-N``: in-process it is the
-    folder ``checkpoints/step-N/``; a server keeps it and answers with its path, which
-    goes in ``checkpoints/step-N.remote`` so that ``--resume`` finds it."""
-    where = tc.save_state(f"{CHECKPOINT_PREFIX}{step}", extra={"step": step}).result()
-    if "://" in where:
-        run.write_text(f"checkpoints/{CHECKPOINT_PREFIX}{step}{REMOTE_SUFFIX}", where + "\n")
-    return where
-
-
-def last_good_checkpoint(run_dir: Path) -> str:
-    """Where a stopped run can continue from, as its message says it."""
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        return "no checkpoint was saved (hyperparameters.save_every keeps some)"
-    where = Path(ckpt)
-    if "://" not in ckpt and where.is_relative_to(run_dir):
-        ckpt = str(where.relative_to(run_dir))
-    return f"the last good (finite) checkpoint is {ckpt} (--resume continues from it)"
-
-
 @contextmanager
 def stop_on_divergence(
     run_dir: Path, step: int, learning_rate: float | None = None
@@ -126,17 +98,28 @@ def stop_on_divergence(
     """Optimizer step ``step`` (1-based) runs inside: a ``DivergedError`` raised there
     (the engine refused a non-finite gradient norm, or ``check_finite`` a loss) comes
     out as one naming the step, the likely cause and the last good checkpoint. The
-    loop ends there, so ``Checkpointer.finish`` never writes ``final/``."""
+    loop ends there, so ``Checkpointer.finish`` never writes ``final/``. The same
+    refusal by a server's engine (a ``RemoteError``) comes out the same way."""
     try:
         yield
-    except DivergedError as e:
+    except (DivergedError, RemoteError) as e:
+        what = remote_divergence(e) if isinstance(e, RemoteError) else str(e)
+        if what is None:
+            raise
         lr = "" if learning_rate is None else f" ({learning_rate:.3g})"
         raise DivergedError(
-            f"step {step}: {e} — the learning rate{lr} is likely too high, or the data "
+            f"step {step}: {what} — the learning rate{lr} is likely too high, or the data "
             "has an example whose loss overflows (lower hyperparameters.learning_rate, "
             "or set hyperparameters.max_grad_norm); "
             f"final/ was not written; {last_good_checkpoint(run_dir)}"
         ) from None
+
+
+def remote_divergence(e: RemoteError) -> str | None:
+    """What a server's engine refused, when ``e`` is its ``DivergedError`` (the server
+    sends an unexpected exception as "<type name>: <message>"); None otherwise."""
+    _, found, what = e.message.partition(f"{DivergedError.__name__}: ")
+    return what if found else None
 
 
 def save_final(tc: TrainingClientProtocol, run: RunDir) -> str:
@@ -213,21 +196,6 @@ def adam_params(hp: HyperparametersConfig, learning_rate: float) -> AdamParams:
     )
 
 
-def resume_start_step(
-    tc: TrainingClientProtocol, run_dir: Path, resume: bool, log: LogFn = print
-) -> int:
-    """The step to start from: 0, or the latest checkpoint's (its state is loaded into ``tc``)."""
-    if not resume:
-        return 0
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        log(f"--resume: no checkpoint under {run_dir / 'checkpoints'}; starting from step 0")
-        return 0
-    step = int(tc.load_state(str(ckpt)).result()["step"])
-    log(f"resumed from {ckpt} (step {step})")
-    return step
-
-
 def create_training_client(
     job: JobFile, run_dir: Path, service: ServiceClientProtocol | None = None
 ) -> TrainingClientProtocol:
@@ -249,10 +217,13 @@ def prepare(
     run_dir: Path,
     log: LogFn = print,
     service: ServiceClientProtocol | None = None,
+    resume: bool = False,
 ) -> RunDir:
     """What every recipe does first, whoever calls it (``vlmtune train`` or Python):
-    log what the job file resolved, apply and log the vision defaults, and write
-    ``config.toml`` (the job as it will run) into the run directory.
+    log what the job file resolved, apply and log the vision defaults, remove what a
+    killed write left in the run directory, choose the checkpoint ``resume`` continues
+    from (``ResumeError`` when none is whole or its settings differ: before the model
+    loads), and write ``config.toml`` (the job as it will run).
 
     Applying the defaults again changes nothing (``apply_vision_defaults`` leaves a
     job it has set up as it is), so a job may go through this more than once.
@@ -262,7 +233,11 @@ def prepare(
     for change in vision_defaults(job, method, service):
         log(f"vision default: {change}")
     log(f"run directory: {run_dir}")
-    run = RunDir(run_dir)
+    run = RunDir(run_dir, log=log)
+    if run.main:
+        clean_run_dir(run.path, log)
+    if resume:
+        run.resume_from = choose_checkpoint(run.path, asdict(EngineConfig.from_job(job)), log)
     run.write_config(job)
     return run
 
@@ -400,7 +375,8 @@ class Checkpointer:
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
         """Save the servable model, evaluate it, write ``summary`` (plus ``final_dir``
         and the eval's metrics) as ``summary.json``; return it."""
-        final_dir = save_final(self.tc, self.run)
+        with explain_refused_writes(self.run.path / "final", "the final model"):
+            final_dir = save_final(self.tc, self.run)
         summary = {**summary, "final_dir": final_dir}
         if self.evaluate is not None:
             summary.update(self.evaluate(self.total_steps))

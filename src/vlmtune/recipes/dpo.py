@@ -52,6 +52,7 @@ from vlmtune.recipes.common import (
     stop_on_divergence,
     total_steps_for,
 )
+from vlmtune.recipes.preflight import check_rows_fit
 from vlmtune.render import Renderer, datum_from_rendered
 from vlmtune.render_rows import RenderLimits, render_rows
 from vlmtune.sdk import ServiceClientProtocol, TrainingClientProtocol
@@ -149,10 +150,11 @@ def run(
     hp = job.hyperparameters
     # Under torchrun every rank runs this loop; only rank 0 logs and writes files.
     log = main_process_log(log)
-    run = prepare(job, "dpo", run_dir, log, service)  # vision defaults, config.toml
+    run = prepare(job, "dpo", run_dir, log, service, resume=resume)
 
     # -- data: preference rows, prompts (images included) validated equal per pair ------
     train_rows, train_report, val_rows, val_report = load_job_data(job, "dpo")
+    check_rows_fit(job, "dpo", train_rows)  # before the model loads
 
     tc = create_training_client(job, run.path, service)
     log(tc.describe())
@@ -168,7 +170,7 @@ def run(
     # -- schedule, resume and the reference log-probs -----------------------------------
     batch_size = hp.per_device_batch * hp.gradient_accumulation_steps  # pairs per step
     total_steps = total_steps_for(len(pairs), batch_size, hp)
-    start_step = resume_start_step(tc, run.path, resume, log)
+    start_step = resume_start_step(tc, run, resume, log)
     metrics = run.metrics(start_step if resume else None, total_steps)
 
     # Reference values are needed only for the pairs this run trains on (the batch order

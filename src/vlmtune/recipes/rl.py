@@ -53,6 +53,7 @@ from vlmtune.recipes.common import (
     stop_on_divergence,
     total_steps_for,
 )
+from vlmtune.recipes.preflight import check_rows_fit
 from vlmtune.recipes.skipped_groups import SKIP_WARNING_WINDOW, SkippedGroups
 from vlmtune.render_rows import RenderLimits, render_rows
 from vlmtune.rewards import (
@@ -164,10 +165,11 @@ def run(
     rl.reward = canonical_spec(rl.reward, config_dir)  # the saved config stays runnable
     if rl.temperature == 0:
         log("rl.temperature = 0: greedy groups are identical and will all be skipped")
-    run = prepare(job, "rl", run_dir, log, service)  # vision defaults, config.toml
+    run = prepare(job, "rl", run_dir, log, service, resume=resume)
 
     # -- data: prompts ending in a user turn, images included, metadata for the reward --
     rows, train_report, val_rows, val_report = load_job_data(job, "rl")
+    check_rows_fit(job, "rl", rows)  # before the model loads
 
     tc = create_training_client(job, run.path, service)
     log(tc.describe())
@@ -187,7 +189,7 @@ def run(
 
     # -- schedule -------------------------------------------------------------------
     total_steps = total_steps_for(len(prompts), rl.prompts_per_step, hp)
-    start_step = resume_start_step(tc, run.path, resume, log)
+    start_step = resume_start_step(tc, run, resume, log)
     metrics = run.metrics(start_step if resume else None, total_steps)
     log(
         f"RL on {len(prompts)} prompts: {total_steps} steps of {rl.prompts_per_step} prompts "

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vlmtune.atomic import atomic_write
+from vlmtune.atomic import atomic_write, explain_refused_writes
 from vlmtune.config import JobFile, dump_toml
 from vlmtune.data.report import ValidationReport
 from vlmtune.engine.distributed import is_main_process
@@ -31,24 +32,38 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 
 
+class ResumeError(ValueError):
+    """``--resume`` cannot continue the run as asked: no checkpoint is whole, one was
+    saved under other settings, or a file of the run is damaged. ``vlmtune train``
+    prints the message and exits 2, as for a job file mistake."""
+
+
 class RunDir:
     """The run directory ``path``; writes happen on the main process alone (``main``,
-    default: rank 0 of torchrun, or this process when there is no torchrun)."""
+    default: rank 0 of torchrun, or this process when there is no torchrun). ``log``
+    takes the one line said about a damaged file that was mended (``MetricsLog``)."""
 
-    def __init__(self, path: Path, main: bool | None = None) -> None:
+    def __init__(
+        self, path: Path, main: bool | None = None, log: Callable[[str], object] = print
+    ) -> None:
         self.path = path
         self.main = is_main_process() if main is None else main
+        self.log = log
+        # The checkpoint --resume loads (``recipes.common.prepare`` chooses it).
+        self.resume_from: str | None = None
         # Every rank: checkpoint shards are written into it by all of them.
-        path.mkdir(parents=True, exist_ok=True)
+        with explain_refused_writes(path, "the run directory"):
+            path.mkdir(parents=True, exist_ok=True)
 
     def write_text(self, name: str, text: str) -> None:
         """``name`` (relative to the run directory) holds ``text``; its folder is made."""
         if not self.main:
             return
         target = self.path / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(target) as f:
-            f.write(text)
+        with explain_refused_writes(target, name):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(target) as f:
+                f.write(text)
 
     def write_json(self, name: str, data: Any, indent: int | None = 2) -> None:
         self.write_text(name, json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
@@ -70,7 +85,7 @@ class RunDir:
 
     def metrics(self, resume_step: int | None, total_steps: int | None = None) -> MetricsLog:
         """The run's ``metrics.jsonl``, cut back to ``resume_step`` on a resume."""
-        return MetricsLog(self.path / METRICS_FILE, resume_step, total_steps, self.main)
+        return MetricsLog(self.path / METRICS_FILE, resume_step, total_steps, self.main, self.log)
 
 
 class MetricsLog:
@@ -79,6 +94,8 @@ class MetricsLog:
     With ``total_steps`` every record says how many steps the run has, so a reader of
     the file alone (the server following a job) can show "step 3/10". Records are
     appended one whole line at a time; a reader takes only lines that end in a newline.
+    A process killed (or a disk filled) mid-append leaves a last line without its
+    newline: a resume drops it, says so through ``log``, and appends on a fresh line.
     """
 
     def __init__(
@@ -87,6 +104,7 @@ class MetricsLog:
         resume_step: int | None = None,
         total_steps: int | None = None,
         main: bool | None = None,
+        log: Callable[[str], object] = print,
     ) -> None:
         self.path = path
         self.total_steps = total_steps
@@ -94,25 +112,58 @@ class MetricsLog:
         self.enabled = is_main_process() if main is None else main
         if not self.enabled:
             return
-        if resume_step is not None and path.exists():
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
-            with atomic_write(path) as f:
-                f.write("".join(f"{line}\n" for line in kept))
-        elif resume_step is None:
-            with atomic_write(path) as f:
-                f.write("")
+        with explain_refused_writes(path, "the metrics"):
+            if resume_step is not None and path.exists():
+                kept = [
+                    line
+                    for line in self._records(log)
+                    if json.loads(line).get("step", 0) <= resume_step
+                ]
+                with atomic_write(path) as f:
+                    f.write("".join(f"{line}\n" for line in kept))
+            elif resume_step is None:
+                with atomic_write(path) as f:
+                    f.write("")
+
+    def _records(self, log: Callable[[str], object]) -> list[str]:
+        """The file's records, each one JSON object; a last line cut mid-write is left
+        out (and logged), any other broken line is a ``ResumeError`` naming it."""
+        text = self.path.read_text(encoding="utf-8", errors="replace")
+        lines = text.split("\n")  # after a final newline, the last item is ""
+        records: list[str] = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            if _is_record(line):
+                records.append(line)
+            elif number == len(lines):  # no newline after it: the append was cut short
+                log(
+                    f"{self.path}:{number}: dropped an incomplete last line "
+                    f"({len(line.encode())} bytes, cut off mid-write)"
+                )
+            else:
+                raise ResumeError(
+                    f"{self.path}:{number}: not a JSON object ({line[:80]!r}); this is not "
+                    "an append cut short (a later line follows): fix or delete that line, "
+                    "then resume"
+                )
+        return records
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         if self.total_steps is not None and "step" in record:
             record = {"step": record["step"], "total_steps": self.total_steps, **record}
-        with self.path.open("a", encoding="utf-8") as f:
+        what = f"the metrics of step {record['step']}" if "step" in record else "the metrics"
+        with explain_refused_writes(self.path, what), self.path.open("a", encoding="utf-8") as f:
             f.write(strict_json(record) + "\n")
+
+
+def _is_record(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:  # JSONDecodeError, and a NaN-free parse of odd numbers
+        return False
 
 
 def finite_or_none(value: Any) -> Any:

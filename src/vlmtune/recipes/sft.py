@@ -36,6 +36,7 @@ from vlmtune.recipes.common import (
     stop_on_divergence,
     total_steps_for,
 )
+from vlmtune.recipes.preflight import check_rows_fit
 from vlmtune.render import datum_from_rendered
 from vlmtune.render_rows import RenderLimits, render_rows
 from vlmtune.sdk import (
@@ -67,10 +68,11 @@ def run(
     # Under torchrun every rank runs this loop on the same global batches (the engine
     # splits each batch over the ranks); only rank 0 logs and writes files.
     log = main_process_log(log)
-    run = prepare(job, "sft", run_dir, log, service)  # vision defaults, config.toml
+    run = prepare(job, "sft", run_dir, log, service, resume=resume)
 
     # -- data: the same loader and checks as `vlmtune data validate --config` ----------
     train_rows, train_report, val_rows, val_report = load_job_data(job, "sft")
+    check_rows_fit(job, "sft", train_rows)  # before the model loads
 
     tc = create_training_client(job, run.path, service)
     log(tc.describe())
@@ -90,7 +92,7 @@ def run(
     # -- schedule -------------------------------------------------------------------
     batch_size = hp.per_device_batch * hp.gradient_accumulation_steps
     total_steps = total_steps_for(len(datums), batch_size, hp)
-    start_step = resume_start_step(tc, run.path, resume, log)
+    start_step = resume_start_step(tc, run, resume, log)
     metrics = run.metrics(start_step if resume else None, total_steps)
     log(f"training {len(datums)} examples, {total_steps} steps of {batch_size} examples")
 

@@ -3,18 +3,25 @@
 A *trainer job* reserves a training endpoint for one base model and LoRA rank; pass
 ``endpoint.base_url`` to ``ServiceClient`` (or ``tinker.ServiceClient``) and the runs
 it creates belong to the job, so their sampler checkpoints can be promoted to named
-models. A *TOML job* is a whole recipe run by the server in a worker process.
+models. A *TOML job* is a whole recipe run by the server in a worker process; it reads
+files uploaded with ``upload_file`` (``data = "file-<id>"``) or under folders the
+server allows, and a config the server refuses raises ``JobRejected`` listing why.
 """
 
 from __future__ import annotations
 
 import builtins
+import hashlib
 import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
+import httpx
+
+from vlmtune.protocol.files import DEFAULT_PURPOSE
 from vlmtune.sdk.http import HttpTransport, RemoteError
 
 MODEL_ID_RE = re.compile(r"^[a-z0-9-]{1,63}$")
@@ -39,6 +46,37 @@ class TrainerEndpoint:
     base_url: str
     state: str
     config: dict[str, Any] = field(default_factory=dict)
+
+
+class JobRejected(RemoteError):
+    """The server refused a TOML job's config; ``problems`` names each by its TOML key."""
+
+    def __init__(self, status: int, message: str, problems: list[str]) -> None:
+        super().__init__(status, message)
+        self.problems = problems
+
+
+def _answer(r: httpx.Response) -> Any:
+    """The JSON of a successful response; ``JobRejected`` for a refused job config,
+    ``RemoteError`` for any other refusal."""
+    if r.status_code < 400:
+        return r.json()
+    try:
+        body = r.json()
+    except ValueError:
+        raise RemoteError(r.status_code, r.text) from None
+    detail = str(body.get("detail", r.text)) if isinstance(body, dict) else r.text
+    if isinstance(body, dict) and isinstance(body.get("problems"), list):
+        raise JobRejected(r.status_code, detail, [str(p) for p in body["problems"]])
+    raise RemoteError(r.status_code, detail)
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _endpoint(job: dict[str, Any]) -> TrainerEndpoint:
@@ -66,13 +104,43 @@ class JobsClient:
         overrides: builtins.list[str] | None = None,  # `list` is a method here
         name: str | None = None,
     ) -> dict[str, Any]:
+        """Submit a TOML job; the server validates it first and raises ``JobRejected``
+        (``problems``: each by its TOML key) instead of queueing a bad one."""
         body = {
             "config_toml": config_toml,
             "type": type_,
             "overrides": overrides or [],
             "name": name,
         }
-        return self.t.post("/v1/jobs", body)
+        return _answer(self.t.client.post("/v1/jobs", json=body))
+
+    # ---- uploaded files: what a TOML job's data = "file-<id>" names --------------------
+    def upload_file(
+        self, path: str | Path, purpose: str = DEFAULT_PURPOSE, reuse: bool = True
+    ) -> dict[str, Any]:
+        """Upload a file (``POST /v1/files``) and return it (``id``, ``bytes``,
+        ``sha256``...). ``reuse``: a file already uploaded with the same bytes (SHA-256)
+        and purpose is returned instead, with ``"reused": True``."""
+        path = Path(path)
+        if reuse:
+            sha, size = sha256_of(path), path.stat().st_size
+            for row in self.list_files(purpose):
+                if row["sha256"] == sha and row["bytes"] == size:
+                    return {**row, "reused": True}
+        with path.open("rb") as f:  # httpx streams it
+            r = self.t.client.post(
+                "/v1/files", files={"file": (path.name, f)}, data={"purpose": purpose}
+            )
+        return _answer(r)
+
+    def list_files(self, purpose: str | None = None) -> builtins.list[dict[str, Any]]:
+        return self.t.get("/v1/files", **({"purpose": purpose} if purpose else {}))["data"]
+
+    def get_file(self, file_id: str) -> dict[str, Any]:
+        return self.t.get(f"/v1/files/{file_id}")
+
+    def delete_file(self, file_id: str) -> dict[str, Any]:
+        return self.t.request("DELETE", f"/v1/files/{file_id}")
 
     def events(self, job_id: str, after: int = 0, wait: float = 0.0) -> dict[str, Any]:
         """``{"job": ..., "events": [...]}``: the events after seq ``after``, waiting up to

@@ -14,7 +14,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,22 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
-from vlmtune.protocol.errors import BadRequest, NotFound
+from vlmtune.protocol.errors import BadRequest, NotFound, clipped
 from vlmtune.protocol.proto import ProtoError
-from vlmtune.server.auth import BodyTooLarge, GateMiddleware, KeyChecker, Receive, Scope, Send
+from vlmtune.server.auth import (
+    IDENTITY_SCOPE_KEY,
+    BodyTooLarge,
+    GateMiddleware,
+    Identity,
+    KeyChecker,
+    Receive,
+    Scope,
+    Send,
+)
 from vlmtune.server.context import SafeJSON, ServerConfig, ServerContext
 from vlmtune.server.inference import ModelPool
 from vlmtune.server.jobs import JobRunner
+from vlmtune.server.openapi import ERROR_RESPONSES, openapi_schema
 from vlmtune.server.runs import RunManager
 from vlmtune.server.samplers import SamplerManager
 from vlmtune.server.store import Store
@@ -35,25 +45,72 @@ from vlmtune.server.workers import FutureRegistry
 
 log = logging.getLogger("vlmtune.server")
 _TRAINER_PREFIX = re.compile(r"^/trainer/(job-[0-9a-f]{12})(/.*)$")
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 class TrainerPrefix:
-    """``/trainer/<job>/api/v1/...`` -> ``/api/v1/...``, tagging the request with the job."""
+    """``/trainer/<job>/api/v1/...`` -> ``/api/v1/...``, tagging the request with the job.
 
-    def __init__(self, app: Any) -> None:
+    The whole prefix is the job's: a job the caller may not see (unknown, or another
+    tenant's) answers 404 for every path under it.
+    """
+
+    def __init__(self, app: FastAPI) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             m = _TRAINER_PREFIX.match(scope["path"])
             if m:
+                identity: Identity = scope[IDENTITY_SCOPE_KEY]  # the gate ran first
+                if self.app.state.ctx.store.job(m.group(1), identity.sees) is None:
+                    await _error(404, f"unknown job {m.group(1)!r}")(scope, receive, send)
+                    return
                 scope = dict(scope, path=m.group(2), raw_path=m.group(2).encode())
                 scope["vlmtune.trainer_job"] = m.group(1)
         await self.app(scope, receive, send)
 
 
+class AnsweredOnce:
+    """Keeps a failed request from taking its connection down with it.
+
+    Starlette answers an unexpected exception with the 500 below and then re-raises it,
+    and uvicorn closes a connection whose app raised: a client's next request on that
+    keep-alive connection is reset. The exception was logged by the handler; here it
+    stops. One raised before any answer (outside the handlers) gets its 500 here.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: MutableMapping[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except BodyTooLarge:
+            raise  # the gate answers it
+        except Exception as e:
+            if started:
+                return
+            log.exception("%s %s failed", scope.get("method"), scope.get("path"))
+            response = _error(500, f"internal error: {type(e).__name__}: {e}")
+            await response(scope, receive, send)
+
+
 def _error(status: int, message: str) -> SafeJSON:
     kind = "invalid_request_error" if status < 500 else "server_error"
+    # Whatever a handler echoed (a 60 MB id, a lone surrogate), the answer stays short
+    # and encodable.
+    message = _SURROGATES.sub("\ufffd", clipped(message))
     # ``detail`` for Tinker/FastAPI clients, ``error`` for OpenAI clients.
     return SafeJSON({"detail": message, "error": {"message": message, "type": kind}}, status)
 
@@ -64,7 +121,10 @@ def create_context(config: ServerConfig) -> ServerContext:
     pool = ModelPool(config.max_loaded_models)
     futures = FutureRegistry()
     runs = RunManager(store, config.data_dir, futures, gap_timeout=config.gap_timeout_s)
-    jobs = JobRunner(store, config.data_dir, runs, config.max_concurrent_jobs)
+    jobs = JobRunner(
+        store, config.data_dir, runs, config.max_concurrent_jobs,
+        allowed_roots=config.allowed_data_roots,
+    )  # fmt: skip
     samplers = SamplerManager(store, runs, pool)
     return ServerContext(config, store, runs, futures, pool, jobs, samplers)
 
@@ -89,7 +149,8 @@ def create_app(config: ServerConfig) -> GateMiddleware:
     api = FastAPI(title="vlmtune", lifespan=lifespan, docs_url=None, redoc_url=None)
     api.state.ctx = c
     for router in ROUTERS:
-        api.include_router(router)
+        api.include_router(router, responses=ERROR_RESPONSES)
+    api.openapi = lambda: openapi_schema(api)  # type: ignore[method-assign]
 
     @api.exception_handler(BadRequest)
     @api.exception_handler(ProtoError)
@@ -121,7 +182,7 @@ def create_app(config: ServerConfig) -> GateMiddleware:
         return _error(500, f"internal error: {type(e).__name__}: {e}")
 
     checker = KeyChecker(c.store, config.api_keys_file)
-    app = GateMiddleware(TrainerPrefix(api), checker, int(config.max_body_mb * 2**20))
+    app = GateMiddleware(AnsweredOnce(TrainerPrefix(api)), checker, int(config.max_body_mb * 2**20))
     app.state = api.state  # so callers holding the outer app reach the context
     return app
 

@@ -7,6 +7,10 @@ HMAC and compares with ``hmac.compare_digest`` so timing does not leak the diges
 
 The ASGI middleware rejects a missing or wrong key with 401 before the body is read,
 and a body over the size limit with 413 while it streams, so neither touches state.
+
+Every key speaks for a tenant (``default`` unless told), which owns what the key
+creates and sees nothing of other tenants'; an operator key sees and acts on all. The
+gate puts the key's ``Identity`` in the request scope (``context.caller`` reads it).
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,11 +33,39 @@ if TYPE_CHECKING:
 KEY_PREFIX = "tml-"
 # Paths that answer without a key (load balancers and clients probe them).
 PUBLIC_PATHS = frozenset({"/healthz", "/api/v1/healthz", "/v1/health"})
+DEFAULT_TENANT = "default"
+# In an API-keys file, this tenant field marks an operator key (its own objects go to
+# the default tenant).
+OPERATOR_FIELD = "*"
+TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+IDENTITY_SCOPE_KEY = "vlmtune.identity"  # where the gate puts the verified key's Identity
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a verified key speaks for."""
+
+    tenant: str  # owns what the key creates
+    operator: bool = False  # sees and acts on every tenant's objects
+
+    @property
+    def sees(self) -> str | None:
+        """The tenant whose objects the key may reach; None: every tenant's (an operator)."""
+        return None if self.operator else self.tenant
+
+
+def check_tenant(name: str) -> str:
+    if not TENANT_RE.match(name):
+        raise ValueError(
+            f"tenant {name!r}: use 1-64 characters of A-Z a-z 0-9 . _ - "
+            "(starting with a letter or digit)"
+        )
+    return name
 
 
 def _digest(salt: bytes, key: str) -> bytes:
@@ -46,22 +80,38 @@ def _split(key: str) -> str | None:
     return kid if 4 <= len(kid) <= 32 and kid.isalnum() else None
 
 
-def create_key(store: Store, label: str = "") -> str:
+def create_key(
+    store: Store, label: str = "", tenant: str = DEFAULT_TENANT, operator: bool = False
+) -> str:
     """Make a key, store its salted HMAC, and return the key (shown once, never stored)."""
+    check_tenant(tenant)
     kid = secrets.token_hex(6)
     key = f"{KEY_PREFIX}{kid}_{secrets.token_urlsafe(32)}"
     salt = secrets.token_bytes(16)
-    store.add_api_key(kid, salt, _digest(salt, key), label)
+    store.add_api_key(kid, salt, _digest(salt, key), label, tenant, operator)
     return key
 
 
-def hashed_line(key: str) -> str:
-    """``kid:salt_hex:digest_hex`` for an API-keys file that must not hold plain keys."""
+def hashed_line(key: str, tenant: str = DEFAULT_TENANT, operator: bool = False) -> str:
+    """``kid:salt_hex:digest_hex[:tenant]`` for an API-keys file that must not hold plain
+    keys (the tenant field is ``*`` for an operator key, left out for the default one)."""
     kid = _split(key)
     if kid is None:
         raise ValueError(f"not a vlmtune API key (expected {KEY_PREFIX}<id>_<secret>)")
     salt = secrets.token_bytes(16)
-    return f"{kid}:{salt.hex()}:{_digest(salt, key).hex()}"
+    line = f"{kid}:{salt.hex()}:{_digest(salt, key).hex()}"
+    if operator:
+        return f"{line}:{OPERATOR_FIELD}"
+    return line if tenant == DEFAULT_TENANT else f"{line}:{check_tenant(tenant)}"
+
+
+def _file_identity(field: str | None) -> Identity:
+    """The identity a keys-file tenant field names (None: the default tenant)."""
+    if field is None:
+        return Identity(DEFAULT_TENANT)
+    if field == OPERATOR_FIELD:
+        return Identity(DEFAULT_TENANT, operator=True)
+    return Identity(check_tenant(field))
 
 
 class KeyChecker:
@@ -69,44 +119,62 @@ class KeyChecker:
 
     def __init__(self, store: Store, keys_file: str | Path | None = None) -> None:
         self.store = store
-        self.file_keys: dict[str, list[tuple[bytes, bytes]]] = {}
+        self.file_keys: dict[str, list[tuple[bytes, bytes, Identity]]] = {}
         if keys_file is not None:
             self._load_file(Path(keys_file))
 
     def _load_file(self, path: Path) -> None:
-        # Lines: a plain key (hashed here, in memory) or ``kid:salt_hex:digest_hex``.
+        # Lines: ``[tenant:]<plain key>`` (hashed here, in memory) or
+        # ``kid:salt_hex:digest_hex[:tenant]``; a tenant of ``*`` is an operator key.
         for n, raw in enumerate(path.read_text().splitlines(), 1):
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
-            if line.startswith(KEY_PREFIX):
-                kid = _split(line)
-                if kid is None:
-                    raise ValueError(f"{path}:{n}: malformed key")
-                salt = secrets.token_bytes(16)
-                self.file_keys.setdefault(kid, []).append((salt, _digest(salt, line)))
-                continue
-            parts = line.split(":")
-            if len(parts) != 3:
-                raise ValueError(f"{path}:{n}: expected a key or kid:salt_hex:digest_hex")
-            self.file_keys.setdefault(parts[0], []).append(
-                (bytes.fromhex(parts[1]), bytes.fromhex(parts[2]))
-            )
+            try:
+                self._add_file_line(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: {e}") from None
 
-    def check(self, key: str | None) -> bool:
+    def _add_file_line(self, line: str) -> None:
+        field, _, rest = line.partition(":")
+        if line.startswith(KEY_PREFIX) or rest.startswith(KEY_PREFIX):
+            tenant, key = (None, line) if line.startswith(KEY_PREFIX) else (field, rest)
+            kid = _split(key)
+            if kid is None:
+                raise ValueError("malformed key")
+            salt = secrets.token_bytes(16)
+            self.file_keys.setdefault(kid, []).append(
+                (salt, _digest(salt, key), _file_identity(tenant))
+            )
+            return
+        parts = line.split(":")
+        if len(parts) not in (3, 4):
+            raise ValueError("expected [tenant:]<key> or kid:salt_hex:digest_hex[:tenant]")
+        who = _file_identity(parts[3] if len(parts) == 4 else None)
+        self.file_keys.setdefault(parts[0], []).append(
+            (bytes.fromhex(parts[1]), bytes.fromhex(parts[2]), who)
+        )
+
+    def identify(self, key: str | None) -> Identity | None:
+        """The identity of a valid key; None for a missing, malformed, wrong or revoked one."""
         if not key:
-            return False
+            return None
         kid = _split(key)
         if kid is None:
-            return False
+            return None
         candidates = list(self.file_keys.get(kid, []))
         row = self.store.api_key(kid)
         if row is not None and not row["revoked"]:
-            candidates.append((row["salt"], row["digest"]))
-        ok = False
-        for salt, digest in candidates:
-            ok |= hmac.compare_digest(_digest(salt, key), digest)
-        return ok
+            who = Identity(row["tenant"], bool(row["operator"]))
+            candidates.append((row["salt"], row["digest"], who))
+        found = None
+        for salt, digest, who in candidates:  # every candidate is compared: constant work
+            if hmac.compare_digest(_digest(salt, key), digest) and found is None:
+                found = who
+        return found
+
+    def check(self, key: str | None) -> bool:
+        return self.identify(key) is not None
 
 
 def key_from_headers(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -162,15 +230,17 @@ class GateMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if scope["path"] not in PUBLIC_PATHS and not self.checker.check(
-            key_from_headers(scope.get("headers", []))
-        ):
-            await _send_json(
-                send,
-                401,
-                {"detail": "missing or invalid API key (send Authorization: Bearer <key>)"},
-            )
-            return
+        if scope["path"] not in PUBLIC_PATHS:
+            identity = self.checker.identify(key_from_headers(scope.get("headers", [])))
+            if identity is None:
+                await _send_json(
+                    send,
+                    401,
+                    {"detail": "missing or invalid API key (send Authorization: Bearer <key>)"},
+                )
+                return
+            scope = dict(scope)
+            scope[IDENTITY_SCOPE_KEY] = identity
         length = dict(scope.get("headers", [])).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             await _send_json(send, 413, {"detail": self._too_large(int(length))})

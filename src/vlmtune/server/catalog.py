@@ -62,6 +62,8 @@ def unique_model_id(store: Store, name: str) -> str:
     return candidate
 
 
+# Model ids are one namespace across tenants (chat names a model by id alone), so a
+# taken id is refused whoever owns it; only the owner (or an operator) can use it.
 def check_new_model_id(store: Store, model_id: str) -> None:
     if not MODEL_ID_RE.match(model_id):
         raise BadRequest(f"model id {model_id!r}: use 1-63 characters of a-z, 0-9 and -")
@@ -70,16 +72,24 @@ def check_new_model_id(store: Store, model_id: str) -> None:
 
 
 def add_model(
-    store: Store, model_id: str, path: Path, base_model: str, source: dict[str, Any]
+    store: Store,
+    model_id: str,
+    path: Path,
+    base_model: str,
+    source: dict[str, Any],
+    tenant: str = "default",
 ) -> dict[str, Any]:
-    """Promote ``path`` (weights, or an adapter over ``base_model``) as ``model_id``."""
-    store.add_model(model_id, str(path), base_model, source)
+    """Promote ``path`` (weights, or an adapter over ``base_model``) as ``tenant``'s ``model_id``."""
+    store.add_model(model_id, str(path), base_model, source, tenant)
     return store.model(model_id) or {}
 
 
-def resolve(store: Store, model: str) -> tuple[str, Callable[[], TrainingEngine]]:
-    """(pool key, loader) for a promoted model id or a base model name."""
-    row = store.model(model)
+def resolve(
+    store: Store, model: str, tenant: str | None = None
+) -> tuple[str, Callable[[], TrainingEngine]]:
+    """(pool key, loader) for a promoted model id that ``tenant`` (None: any) owns, or a
+    base model name."""
+    row = store.model(model, tenant)
     if row is not None:
         return row["path"], lambda: load_inference_engine(row["path"], row["base_model"] or None)
     try:

@@ -13,6 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from vlmtune.protocol.wire import WireModel, parse_body
+from vlmtune.server.auth import IDENTITY_SCOPE_KEY, Identity
 
 if TYPE_CHECKING:
     from vlmtune.server.inference import ModelPool
@@ -32,6 +33,8 @@ class ServerConfig:
     max_body_mb: float = 64.0
     max_loaded_models: int = 2  # inference engines kept in memory (LRU)
     max_concurrent_jobs: int = 1  # TOML job worker processes at once
+    # Folders TOML jobs may read besides their uploads (--allow-data-root); see job_access.
+    allowed_data_roots: tuple[Path, ...] = ()
     poll_timeout_s: float = 20.0  # how long retrieve_future holds a request open
     gap_timeout_s: float = 10.0  # how long a run waits for a missing seq_id
     extra: dict[str, Any] = field(default_factory=dict)
@@ -53,6 +56,20 @@ M = TypeVar("M", bound=WireModel)
 
 def ctx(request: Request) -> ServerContext:
     return request.app.state.ctx
+
+
+def caller(request: Request) -> Identity:
+    """Who sent the request: the identity of the key the gate verified."""
+    identity = request.scope.get(IDENTITY_SCOPE_KEY)
+    if identity is None:  # a route reached around the gate: refuse rather than guess
+        raise RuntimeError("request carries no verified API key")
+    return identity
+
+
+def tenant_of(request: Request) -> str | None:
+    """The tenant whose objects the request may reach; None: every tenant's (an operator).
+    Lookups take it and answer as for an unknown id when another tenant owns the object."""
+    return caller(request).sees
 
 
 async def body_of(request: Request, model: type[M]) -> M:

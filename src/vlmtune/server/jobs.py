@@ -8,6 +8,11 @@ events, ``stderr.log``) and never parsed. When it succeeds, the run's ``final/``
 directory is promoted to a model named after the job. Job state lives in
 the store: after a restart a job that was running is ``interrupted`` and can be
 resumed (``--resume`` continues from its last checkpoint).
+
+A TOML job is validated and confined when it is submitted (``job_access``): a bad one
+is refused with every problem named by its TOML key and never queued; a good one's
+folder holds the TOML as sent (``submitted.toml``) and as the worker runs it
+(``config.toml``: uploads replaced by their stored paths, overrides applied).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import builtins
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,13 +28,16 @@ import threading
 import time
 import tomllib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from vlmtune.config import dump_toml
 from vlmtune.protocol.errors import BadRequest, NotFound
 from vlmtune.protocol.paths import checkpoint_name, is_tinker_path
 from vlmtune.server import catalog
+from vlmtune.server.files import FileStore
+from vlmtune.server.job_access import DataAccess, resolved_roots, validated_job
 from vlmtune.server.job_progress import PROGRESS_EVENTS, MetricsTail, job_event
 from vlmtune.server.run_config import engine_config
 from vlmtune.server.runs import RunManager
@@ -65,8 +74,11 @@ class JobRunner:
         runs: RunManager,
         max_concurrent: int = 1,
         metrics_poll_s: float = 0.5,  # how often a running job's metrics.jsonl is read
+        allowed_roots: Iterable[Path] = (),  # folders TOML jobs may read (--allow-data-root)
     ) -> None:
         self.store = store
+        self.files = FileStore(store, data_dir)
+        self.access = DataAccess(resolved_roots(allowed_roots, data_dir), self.files)
         self.metrics_poll_s = metrics_poll_s
         self.dir = data_dir / "jobs"
         self.runs = runs
@@ -86,26 +98,35 @@ class JobRunner:
         self._schedule()
 
     # ---- bookkeeping ------------------------------------------------------------------
-    def get(self, job_id: str) -> dict[str, Any]:
-        row = self.store.job(job_id)
+    def get(self, job_id: str, tenant: str | None = None) -> dict[str, Any]:
+        """The job, if ``tenant`` (None: any) owns it; another tenant's is unknown."""
+        row = self.store.job(job_id, tenant)
         if row is None:
             raise NotFound(f"unknown job {job_id!r}")
         return row
 
-    def list(self, kind: str | None = None) -> list[dict[str, Any]]:
-        return self.store.jobs(kind)
+    def list(self, kind: str | None = None, tenant: str | None = None) -> list[dict[str, Any]]:
+        return self.store.jobs(kind, tenant=tenant)
 
     def _set(self, job_id: str, state: str, **values: Any) -> None:
         self.store.update_job(job_id, state=state, updated=time.time(), **values)
 
-    def _new(self, kind: str, name: str, state: str, config: dict[str, Any]) -> dict:
-        job_id = f"job-{uuid.uuid4().hex[:12]}"
-        self.store.add_job(job_id, kind, name, state, config)
+    def _new(
+        self,
+        kind: str,
+        name: str,
+        state: str,
+        config: dict[str, Any],
+        tenant: str,
+        job_id: str | None = None,
+    ) -> dict:
+        job_id = job_id or _new_job_id()
+        self.store.add_job(job_id, kind, name, state, config, tenant)
         self.store.add_event(job_id, "created", f"{kind} job created")
         return self.get(job_id)
 
     # ---- trainer jobs -------------------------------------------------------------------
-    def create_trainer(self, cfg: dict[str, Any]) -> dict[str, Any]:
+    def create_trainer(self, cfg: dict[str, Any], tenant: str = "default") -> dict[str, Any]:
         base, rank = cfg.get("base_model"), cfg.get("lora_rank", 16)
         if not isinstance(base, str) or not isinstance(rank, int) or rank < 0:
             raise BadRequest("trainer job needs base_model (str) and lora_rank (int >= 0)")
@@ -118,10 +139,12 @@ class JobRunner:
         config = {"base_model": base, "lora_rank": rank, "learning_rate": float(lr),
                   "gradient_accumulation_steps": gas, "display_name": name,
                   "training_shape_ref": cfg.get("training_shape_ref"), "profile": profile}  # fmt: skip
-        return self._new("trainer", name, "running", config)
+        return self._new("trainer", name, "running", config, tenant)
 
-    def check_trainer_run(self, job_id: str, base_model: str, rank: int) -> None:
-        job = self.get(job_id)
+    def check_trainer_run(
+        self, job_id: str, base_model: str, rank: int, tenant: str | None = None
+    ) -> None:
+        job = self.get(job_id, tenant)
         if job["kind"] != "trainer" or job["state"] != "running":
             raise NotFound(f"trainer job {job_id} is not running (state {job['state']})")
         cfg = job["config"]
@@ -138,23 +161,31 @@ class JobRunner:
         type_: str,
         overrides: builtins.list[str],  # `list` is a method here
         name: str | None,
+        tenant: str = "default",
     ) -> dict[str, Any]:
+        """Validate and confine the job (``job_access``), then queue it; a ``ConfigError``
+        (every problem, by TOML key) leaves nothing behind."""
         if type_ not in ("sft", "dpo", "rl"):
             raise BadRequest(f"type must be sft, dpo or rl (got {type_!r})")
-        try:
-            raw = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise BadRequest(f"config is not valid TOML: {e}") from None
         if not all(isinstance(o, str) and "=" in o for o in overrides):
             raise BadRequest("overrides must be strings like section.key=value")
-        job_name = name or (raw.get("job") or {}).get("name") or "job"
-        row = self._new("toml", str(job_name), "queued", {"type": type_, "overrides": overrides})
-        job_dir = self.dir / row["id"]
-        job_dir.mkdir(parents=True, exist_ok=True)
-        (job_dir / "config.toml").write_text(text)
-        self.store.update_job(row["id"], run_dir=str(job_dir / "run"))
+        job_id = _new_job_id()
+        job_dir = self.dir / job_id
+        job_dir.mkdir(parents=True)
+        try:  # the job reads only ``tenant``'s uploads
+            job, file_ids = validated_job(text, type_, overrides, job_dir, self.access, tenant)
+            (job_dir / "config.toml").write_text(dump_toml(job))
+        except BaseException:
+            shutil.rmtree(job_dir, ignore_errors=True)
+            raise
+        # The worker runs config.toml, overrides applied: it gets none of its own.
+        config = {"type": type_, "overrides": [], "submitted_overrides": overrides,
+                  "files": file_ids}  # fmt: skip
+        # "submitted" until its run_dir is set: the scheduler launches only queued jobs.
+        self._new("toml", name or job.job.name or "job", "submitted", config, tenant, job_id)
+        self._set(job_id, "queued", run_dir=str(job_dir / "run"))
         self._schedule()
-        return self.get(row["id"])
+        return self.get(job_id)
 
     def _schedule(self) -> None:
         with self._lock:
@@ -265,15 +296,15 @@ class JobRunner:
             )
             model_id = catalog.unique_model_id(self.store, catalog.model_name(job["name"]))
             source = {"job_id": job_id, "checkpoint": "final"}
-            catalog.add_model(self.store, model_id, final, base, source)
+            catalog.add_model(self.store, model_id, final, base, source, job["tenant"])
             self.store.add_event(job_id, "promoted", f"model {model_id}", {"model_id": model_id})
         self._set(job_id, "succeeded", exit_code=0, model_id=model_id)
         self.store.add_event(
             job_id, "succeeded", "finished", {"summary": summary, "model_id": model_id}
         )
 
-    def cancel(self, job_id: str) -> dict[str, Any]:
-        job = self.get(job_id)
+    def cancel(self, job_id: str, tenant: str | None = None) -> dict[str, Any]:
+        job = self.get(job_id, tenant)
         if job["kind"] == "trainer":
             raise BadRequest("a trainer job is stopped with delete")
         with self._lock:
@@ -288,11 +319,17 @@ class JobRunner:
             self.threads[job_id].join(timeout=30)
         return self.get(job_id)
 
-    def resume(self, job_id: str) -> dict[str, Any]:
-        job = self.get(job_id)
+    def resume(self, job_id: str, tenant: str | None = None) -> dict[str, Any]:
+        job = self.get(job_id, tenant)
         if job["kind"] != "toml" or job["state"] not in ("failed", "cancelled", "interrupted"):
             raise BadRequest(
                 f"only a failed, cancelled or interrupted TOML job resumes (state {job['state']})"
+            )
+        gone = [f for f in job["config"].get("files", []) if self.store.file(f) is None]
+        if gone:
+            raise BadRequest(
+                f"job {job_id} reads the upload(s) {', '.join(gone)}, deleted since: it cannot "
+                "resume; submit it again with the data uploaded"
             )
         self.store.update_job(job_id, config={**job["config"], "resume": True})
         self._set(job_id, "queued")
@@ -300,8 +337,8 @@ class JobRunner:
         self._schedule()
         return self.get(job_id)
 
-    def delete(self, job_id: str) -> dict[str, Any]:
-        job = self.get(job_id)
+    def delete(self, job_id: str, tenant: str | None = None) -> dict[str, Any]:
+        job = self.get(job_id, tenant)
         if job_id in self.procs:
             self.cancel(job_id)
         for run_id in self.store.job_run_ids(job_id):
@@ -313,9 +350,13 @@ class JobRunner:
         return {**job, "state": "deleted"}
 
     # ---- models -------------------------------------------------------------------------
-    def promote(self, job_id: str, checkpoint_id: str, output_model_id: str) -> dict[str, Any]:
+    def promote(
+        self, job_id: str, checkpoint_id: str, output_model_id: str, tenant: str | None = None
+    ) -> dict[str, Any]:
+        """Promote a checkpoint of a job ``tenant`` (None: any) owns; the model is the job's
+        owner's (an operator promoting for a tenant gives it to that tenant)."""
+        job = self.get(job_id, tenant)
         catalog.check_new_model_id(self.store, output_model_id)
-        job = self.get(job_id)
         if job["kind"] == "toml":
             path = Path(job["run_dir"]) / (checkpoint_id or "final")
             if checkpoint_id not in ("", "final") or not path.is_dir():
@@ -328,7 +369,7 @@ class JobRunner:
             path = Path(row["path"])
             base = self.runs.base_model(row["run_id"])
         source = {"job_id": job_id, "checkpoint": checkpoint_id}
-        return catalog.add_model(self.store, output_model_id, path, base, source)
+        return catalog.add_model(self.store, output_model_id, path, base, source, job["tenant"])
 
     def _job_checkpoint(self, job_id: str, checkpoint_id: str) -> dict[str, Any]:
         if is_tinker_path(checkpoint_id):
@@ -357,6 +398,10 @@ class JobRunner:
             self.store.add_event(
                 job_id, "interrupted", "the server stopped; resume the job to continue"
             )
+
+
+def _new_job_id() -> str:
+    return f"job-{uuid.uuid4().hex[:12]}"
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -51,6 +51,7 @@ class Run:
         default_factory=OrderedDict
     )
     seen: OrderedDict[int, str] = field(default_factory=OrderedDict)  # seq_id -> request_id
+    tenant: str = "default"  # who owns the run (and its checkpoints, futures, samplers)
 
     @property
     def is_lora(self) -> bool:
@@ -86,7 +87,7 @@ class RunManager:
         except Exception:
             run.worker.skip(seq)
             raise
-        request_id = self.futures.add(run.worker.submit(task, seq), kind, run.id)
+        request_id = self.futures.add(run.worker.submit(task, seq), kind, run.id, run.tenant)
         if seq is not None:
             with self._lock:
                 run.seen[seq] = request_id
@@ -105,12 +106,16 @@ class RunManager:
         session_id: str | None = None,
         job_id: str | None = None,
         user_metadata: dict | None = None,
+        tenant: str = "default",
     ) -> Run:
-        """A new run, or the existing one of that id if it has the same model and rank."""
+        """A new run owned by ``tenant``, or the existing one of that id if it has the same
+        model, rank and owner (the caller checked it may use the session in the id)."""
         with self._lock:
             row = self.store.run(run_id, include_deleted=True)
             if row is not None:
-                if row["base_model"] != base_model or row["lora_rank"] != lora_rank:
+                if (row["base_model"], row["lora_rank"], row["tenant"]) != (
+                    base_model, lora_rank, tenant
+                ):  # fmt: skip
                     raise BadRequest(f"model id {run_id} already exists with another configuration")
                 return self.get(run_id)
             config = engine_config(base_model, lora_rank, overrides)
@@ -118,9 +123,10 @@ class RunManager:
             self.store.add_run(
                 run_id, session_id=session_id, job_id=job_id, base_model=base_model,
                 lora_rank=lora_rank, config=asdict(config), run_dir=str(run_dir),
-                user_metadata=user_metadata,
+                user_metadata=user_metadata, tenant=tenant,
             )  # fmt: skip
-            run = Run(run_id, config, run_dir, job_id, SeqWorker(run_id, 1, self.gap_timeout))
+            worker = SeqWorker(run_id, 1, self.gap_timeout)
+            run = Run(run_id, config, run_dir, job_id, worker, tenant=tenant)
             self.runs[run_id] = run
             return run
 
@@ -135,18 +141,19 @@ class RunManager:
         """The task that builds the run's engine (``create_model``'s result)."""
         return lambda: self.engine(run) and None
 
-    def get(self, run_id: str) -> Run:
+    def get(self, run_id: str, tenant: str | None = None) -> Run:
+        """The run, if ``tenant`` (None: any) owns it; another tenant's is unknown."""
         with self._lock:
             run = self.runs.get(run_id)
-            if run is not None:
+            if run is not None and tenant in (None, run.tenant):
                 return run
-            row = self.store.run(run_id)
+            row = None if run is not None else self.store.run(run_id, tenant=tenant)
             if row is None:
                 raise NotFound(f"unknown model id {run_id!r}")
             # Known from the database only (the server restarted): rebuilt lazily.
             run = Run(
                 run_id, EngineConfig(**row["config"]), Path(row["dir"]), row["job_id"],
-                SeqWorker(run_id, None, self.gap_timeout), restore=True,
+                SeqWorker(run_id, None, self.gap_timeout), restore=True, tenant=row["tenant"],
             )  # fmt: skip
             self.runs[run_id] = run
             return run
@@ -180,6 +187,12 @@ class RunManager:
         """Optimizer steps taken: the engine's, or the stored count before it is rebuilt."""
         if run.engine is not None:
             return run.engine.step
+        if run.restore:
+            # After a restart the engine rebuilds from its newest saved state: that state's
+            # step, not the last optimizer step the database saw before the crash.
+            states = self.store.checkpoints(run.id, "training")
+            if states:
+                return int(states[-1]["step"])
         row = self.store.run(run.id, include_deleted=True)
         return row["step"] if row else 0
 
@@ -237,8 +250,8 @@ class RunManager:
 
         return task
 
-    def load_state(self, run: Run, ref: str, optimizer: bool) -> Task:
-        row = self.resolve_checkpoint(ref, run, "training")
+    def load_state(self, run: Run, ref: str, optimizer: bool, tenant: str | None = None) -> Task:
+        row = self.resolve_checkpoint(ref, run, "training", tenant)
         check_compatible(run.config, Path(row["path"]))
 
         def task() -> dict[str, Any]:
@@ -291,8 +304,11 @@ class RunManager:
         return task
 
     # ---- checkpoints ----------------------------------------------------------------
-    def resolve_checkpoint(self, ref: str, run: Run | None = None, kind: str = "training") -> dict:
-        """A checkpoint row from ``tinker://run/weights/name``, a bare name, or a path ending in one."""
+    def resolve_checkpoint(
+        self, ref: str, run: Run | None = None, kind: str = "training", tenant: str | None = None
+    ) -> dict:
+        """A checkpoint row from ``tinker://run/weights/name``, a bare name, or a path ending
+        in one; a checkpoint of a run that ``tenant`` (None: any) does not own is unknown."""
         if is_tinker_path(ref):
             run_id, kind, name = parse_tinker_path(ref)
         elif run is not None:
@@ -302,6 +318,8 @@ class RunManager:
                 f"checkpoint {ref!r}: expected tinker://<run>/<weights|sampler_weights>/<name>"
             )
         row = self.store.checkpoint(run_id, kind, name)
+        if row is not None and tenant is not None:
+            row = row if self.store.run(run_id, include_deleted=True, tenant=tenant) else None
         if row is None or not Path(row["path"]).exists():
             raise NotFound(f"no {kind} checkpoint {name!r} in run {run_id!r}")
         return row

@@ -36,6 +36,7 @@ class Sampler:
     base_model: str
     run_id: str | None = None
     path: str | None = None
+    tenant: str = "default"  # who owns the session (a run's sessions: the run's owner)
 
 
 class SamplerManager:
@@ -51,7 +52,8 @@ class SamplerManager:
         ``snapshot`` (frozen when the task runs, in order with the run's training)."""
         sid = f"samp-{uuid.uuid4().hex[:16]}"
         live = kind == "inflight"
-        sampler = Sampler(sid, "live" if live else "snapshot", run.config.base_model, run.id)
+        session_kind = "live" if live else "snapshot"
+        sampler = Sampler(sid, session_kind, run.config.base_model, run.id, tenant=run.tenant)
 
         def task() -> dict[str, Any]:
             engine = self.runs.engine(run)
@@ -67,32 +69,44 @@ class SamplerManager:
 
         return task
 
-    def create(self, model_path: str | None, base_model: str | None) -> Sampler:
+    def create(
+        self,
+        model_path: str | None,
+        base_model: str | None,
+        tenant: str = "default",
+        sees: str | None = None,
+    ) -> Sampler:
+        """A session owned by ``tenant`` over a checkpoint that ``sees`` (None: any tenant)
+        owns, or over a base model."""
         sid = f"samp-{uuid.uuid4().hex[:16]}"
         if model_path:
-            row = self.runs.resolve_checkpoint(model_path, None, "sampler")
+            row = self.runs.resolve_checkpoint(model_path, None, "sampler", sees)
             base = self.runs.base_model(row["run_id"])
-            sampler = Sampler(sid, "path", base, row["run_id"], row["path"])
+            sampler = Sampler(sid, "path", base, row["run_id"], row["path"], tenant)
         elif base_model:
             engine_config(base_model, 0, None)  # validates the name
-            sampler = Sampler(sid, "base", base_model)
+            sampler = Sampler(sid, "base", base_model, tenant=tenant)
         else:
             raise BadRequest("give model_path or base_model")
         self.store.add_sampling_session(
-            sid, sampler.kind, sampler.run_id, sampler.path, sampler.base_model
+            sid, sampler.kind, sampler.run_id, sampler.path, sampler.base_model, tenant
         )
         with self._lock:
             self.samplers[sid] = sampler
         return sampler
 
-    def get(self, sid: str) -> Sampler:
+    def get(self, sid: str, tenant: str | None = None) -> Sampler:
+        """The session, if ``tenant`` (None: any) owns it; another tenant's is unknown."""
         with self._lock:
-            if sid in self.samplers:
-                return self.samplers[sid]
-        row = self.store.sampling_session(sid)
+            sampler = self.samplers.get(sid)
+        if sampler is not None and tenant in (None, sampler.tenant):
+            return sampler
+        row = None if sampler is not None else self.store.sampling_session(sid, tenant)
         if row is None:
             raise NotFound(f"unknown sampling session {sid!r} (snapshots do not survive a restart)")
-        sampler = Sampler(row["id"], row["kind"], row["base_model"], row["run_id"], row["path"])
+        sampler = Sampler(
+            row["id"], row["kind"], row["base_model"], row["run_id"], row["path"], row["tenant"]
+        )
         with self._lock:
             self.samplers[sid] = sampler
         return sampler

@@ -2,7 +2,8 @@
 
 One file (``<data-dir>/server.db``) holds API keys (hashed), sessions, training runs
 (base model, LoRA rank, engine config), their checkpoints (paths under the data
-dir), jobs with their events, and promoted models. Tensors never go in here: they
+dir), jobs with their events, promoted models, and uploaded files (their bytes live
+under ``<data-dir>/files/``). Tensors never go in here: they
 live in checkpoint directories, and the rows point at them.
 
 This is the only module that writes SQL: the rest of the server asks named questions
@@ -52,7 +53,24 @@ CREATE TABLE IF NOT EXISTS models (
 CREATE TABLE IF NOT EXISTS sampling_sessions (
     id TEXT PRIMARY KEY, kind TEXT NOT NULL, run_id TEXT, path TEXT,
     base_model TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS files (
+    id TEXT PRIMARY KEY, filename TEXT NOT NULL, purpose TEXT NOT NULL,
+    bytes INTEGER NOT NULL, sha256 TEXT NOT NULL, path TEXT NOT NULL, created REAL NOT NULL,
+    tenant TEXT NOT NULL DEFAULT 'default');
 """
+
+# Columns added after the first release: ``CREATE TABLE IF NOT EXISTS`` leaves an existing
+# database's tables as they were, so ``_migrate`` adds each one that is missing.
+# Every tenant-owned table carries its owner; a checkpoint belongs to its run's tenant.
+ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("api_keys", "tenant", "TEXT NOT NULL DEFAULT 'default'"),
+    ("api_keys", "operator", "INTEGER NOT NULL DEFAULT 0"),
+    ("sessions", "tenant", "TEXT NOT NULL DEFAULT 'default'"),
+    ("runs", "tenant", "TEXT NOT NULL DEFAULT 'default'"),
+    ("jobs", "tenant", "TEXT NOT NULL DEFAULT 'default'"),
+    ("models", "tenant", "TEXT NOT NULL DEFAULT 'default'"),
+    ("sampling_sessions", "tenant", "TEXT NOT NULL DEFAULT 'default'"),
+)
 
 _JSON_COLUMNS = ("config", "meta", "user_metadata", "data", "source")
 # What a job's owner may change (``update_job``); id, kind and created never change.
@@ -66,6 +84,11 @@ def _encoded(values: dict[str, Any]) -> tuple:
         json.dumps(v) if k in _JSON_COLUMNS and not isinstance(v, str) else v
         for k, v in values.items()
     )
+
+
+def _owned(tenant: str | None) -> tuple[str, tuple]:
+    """SQL keeping one tenant's rows; None keeps all (an operator, or the server itself)."""
+    return ("", ()) if tenant is None else (" AND tenant = ?", (tenant,))
 
 
 def _row(cur: sqlite3.Cursor, values: tuple) -> dict[str, Any]:
@@ -87,6 +110,13 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        for table, column, declaration in ADDED_COLUMNS:
+            have = {r["name"] for r in self._all(f"PRAGMA table_info({table})")}
+            if have and column not in have:
+                self._execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     def close(self) -> None:
         with self._lock:
@@ -122,17 +152,28 @@ class Store:
         )
 
     # ---- API keys -------------------------------------------------------------------
-    def add_api_key(self, kid: str, salt: bytes, digest: bytes, label: str) -> None:
+    def add_api_key(
+        self,
+        kid: str,
+        salt: bytes,
+        digest: bytes,
+        label: str,
+        tenant: str = "default",
+        operator: bool = False,
+    ) -> None:
         self._insert(
-            "api_keys", kid=kid, salt=salt, digest=digest, label=label, created=time.time()
-        )
+            "api_keys", kid=kid, salt=salt, digest=digest, label=label, created=time.time(),
+            tenant=tenant, operator=int(operator),
+        )  # fmt: skip
 
     def api_key(self, kid: str) -> dict[str, Any] | None:
         return self._one("SELECT * FROM api_keys WHERE kid = ?", (kid,))
 
     def api_keys(self) -> list[dict[str, Any]]:
-        """Every key's id, label, creation time and status (never its salt or digest)."""
-        return self._all("SELECT kid, label, created, revoked FROM api_keys ORDER BY created")
+        """Every key's id, label, creation time, status and tenant (never its salt or digest)."""
+        return self._all(
+            "SELECT kid, label, created, revoked, tenant, operator FROM api_keys ORDER BY created"
+        )
 
     def active_key_count(self) -> int:
         return self._count("SELECT COUNT(*) AS n FROM api_keys WHERE revoked = 0")
@@ -141,15 +182,27 @@ class Store:
         return bool(self._update("api_keys", {"kid": kid}, revoked=1))
 
     # ---- sessions -------------------------------------------------------------------
-    def add_session(self, session_id: str, meta: dict[str, Any]) -> None:
+    def add_session(self, session_id: str, meta: dict[str, Any], tenant: str = "default") -> None:
         now = time.time()
-        self._insert("sessions", id=session_id, created=now, last_seen=now, meta=meta)
+        self._insert(
+            "sessions", id=session_id, created=now, last_seen=now, meta=meta, tenant=tenant
+        )
 
-    def has_session(self, session_id: str) -> bool:
-        return self._one("SELECT id FROM sessions WHERE id = ?", (session_id,)) is not None
+    def session(self, session_id: str, tenant: str | None = None) -> dict[str, Any] | None:
+        """The session, if ``tenant`` (None: any) owns it."""
+        owned, params = _owned(tenant)
+        return self._one("SELECT * FROM sessions WHERE id = ?" + owned, (session_id, *params))
 
-    def touch_session(self, session_id: str, status: str | None = None) -> bool:
-        """Record a sign of life (and a new status); False for an unknown session."""
+    def has_session(self, session_id: str, tenant: str | None = None) -> bool:
+        return self.session(session_id, tenant) is not None
+
+    def touch_session(
+        self, session_id: str, status: str | None = None, tenant: str | None = None
+    ) -> bool:
+        """Record a sign of life (and a new status); False for an unknown session (or
+        one that ``tenant`` does not own)."""
+        if tenant is not None and not self.has_session(session_id, tenant):
+            return False
         values: dict[str, Any] = {"last_seen": time.time()}
         if status is not None:
             values["status"] = status
@@ -170,26 +223,35 @@ class Store:
         config: dict[str, Any],
         run_dir: str,
         user_metadata: dict[str, Any] | None,
+        tenant: str = "default",
     ) -> None:
         now = time.time()
         self._insert(
             "runs", id=run_id, session_id=session_id, job_id=job_id, base_model=base_model,
             lora_rank=lora_rank, config=config, dir=run_dir, created=now, last_request=now,
-            user_metadata=user_metadata or {},
+            user_metadata=user_metadata or {}, tenant=tenant,
         )  # fmt: skip
 
-    def run(self, run_id: str, include_deleted: bool = False) -> dict[str, Any] | None:
-        if include_deleted:
-            return self._one("SELECT * FROM runs WHERE id = ?", (run_id,))
-        return self._one("SELECT * FROM runs WHERE id = ? AND deleted = 0", (run_id,))
+    def run(
+        self, run_id: str, include_deleted: bool = False, tenant: str | None = None
+    ) -> dict[str, Any] | None:
+        """The run, if ``tenant`` (None: any) owns it."""
+        owned, params = _owned(tenant)
+        live = "" if include_deleted else " AND deleted = 0"
+        return self._one("SELECT * FROM runs WHERE id = ?" + live + owned, (run_id, *params))
 
-    def runs_page(self, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
-        """(live runs, newest first, from ``offset``; how many live runs there are)."""
+    def runs_page(
+        self, limit: int, offset: int, tenant: str | None = None
+    ) -> tuple[list[dict[str, Any]], int]:
+        """(live runs of ``tenant`` (None: all), newest first, from ``offset``; how many)."""
+        owned, params = _owned(tenant)
         rows = self._all(
-            "SELECT * FROM runs WHERE deleted = 0 ORDER BY created DESC LIMIT ? OFFSET ?",
-            (limit, offset),
+            "SELECT * FROM runs WHERE deleted = 0" + owned + " ORDER BY created DESC "
+            "LIMIT ? OFFSET ?",
+            (*params, limit, offset),
         )
-        return rows, self._count("SELECT COUNT(*) AS n FROM runs WHERE deleted = 0")
+        total = self._count("SELECT COUNT(*) AS n FROM runs WHERE deleted = 0" + owned, params)
+        return rows, total
 
     def touch_run(self, run_id: str, step: int | None = None) -> None:
         """A request reached the run (and, with ``step``, its optimizer is at that step)."""
@@ -258,28 +320,49 @@ class Store:
 
     # ---- sampling sessions ----------------------------------------------------------
     def add_sampling_session(
-        self, session_id: str, kind: str, run_id: str | None, path: str | None, base_model: str
+        self,
+        session_id: str,
+        kind: str,
+        run_id: str | None,
+        path: str | None,
+        base_model: str,
+        tenant: str = "default",
     ) -> None:
         self._insert(
             "sampling_sessions", id=session_id, kind=kind, run_id=run_id, path=path,
-            base_model=base_model, created=time.time(),
+            base_model=base_model, created=time.time(), tenant=tenant,
         )  # fmt: skip
 
-    def sampling_session(self, session_id: str) -> dict[str, Any] | None:
-        return self._one("SELECT * FROM sampling_sessions WHERE id = ?", (session_id,))
+    def sampling_session(self, session_id: str, tenant: str | None = None) -> dict[str, Any] | None:
+        owned, params = _owned(tenant)
+        return self._one(
+            "SELECT * FROM sampling_sessions WHERE id = ?" + owned, (session_id, *params)
+        )
 
     # ---- jobs -----------------------------------------------------------------------
-    def add_job(self, job_id: str, kind: str, name: str, state: str, config: dict) -> None:
+    def add_job(
+        self,
+        job_id: str,
+        kind: str,
+        name: str,
+        state: str,
+        config: dict,
+        tenant: str = "default",
+    ) -> None:
         now = time.time()
         self._insert("jobs", id=job_id, kind=kind, name=name, state=state, config=config,
-                     created=now, updated=now)  # fmt: skip
+                     created=now, updated=now, tenant=tenant)  # fmt: skip
 
-    def job(self, job_id: str) -> dict[str, Any] | None:
-        return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+    def job(self, job_id: str, tenant: str | None = None) -> dict[str, Any] | None:
+        """The job, if ``tenant`` (None: any) owns it."""
+        owned, params = _owned(tenant)
+        return self._one("SELECT * FROM jobs WHERE id = ?" + owned, (job_id, *params))
 
-    def jobs(self, kind: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
-        """Jobs, newest first, of one kind and in one state where given."""
-        where = {k: v for k, v in (("kind", kind), ("state", state)) if v}
+    def jobs(
+        self, kind: str | None = None, state: str | None = None, tenant: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Jobs, newest first, of one kind, in one state and of one tenant where given."""
+        where = {k: v for k, v in (("kind", kind), ("state", state), ("tenant", tenant)) if v}
         sql = "SELECT * FROM jobs"
         if where:
             sql += " WHERE " + " AND ".join(f"{k} = ?" for k in where)
@@ -298,15 +381,54 @@ class Store:
         self._update("jobs", {"id": job_id}, **values)
 
     # ---- promoted models ------------------------------------------------------------
-    def add_model(self, model_id: str, path: str, base_model: str, source: dict) -> None:
+    def add_model(
+        self, model_id: str, path: str, base_model: str, source: dict, tenant: str = "default"
+    ) -> None:
         self._insert("models", id=model_id, path=path, base_model=base_model, source=source,
-                     created=time.time())  # fmt: skip
+                     created=time.time(), tenant=tenant)  # fmt: skip
 
-    def model(self, model_id: str) -> dict[str, Any] | None:
-        return self._one("SELECT * FROM models WHERE id = ?", (model_id,))
+    def model(self, model_id: str, tenant: str | None = None) -> dict[str, Any] | None:
+        """The promoted model, if ``tenant`` (None: any) owns it."""
+        owned, params = _owned(tenant)
+        return self._one("SELECT * FROM models WHERE id = ?" + owned, (model_id, *params))
 
-    def models(self) -> list[dict[str, Any]]:
-        return self._all("SELECT * FROM models ORDER BY created")
+    def models(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        return self._all(
+            "SELECT * FROM models WHERE tenant = COALESCE(?, tenant) ORDER BY created", (tenant,)
+        )
+
+    # ---- uploaded files (``server/files.py``) ----------------------------------------
+    def add_file(
+        self,
+        file_id: str,
+        *,
+        filename: str,
+        purpose: str,
+        size: int,
+        sha256: str,
+        path: str,
+        tenant: str = "default",
+    ) -> None:
+        self._insert(
+            "files", id=file_id, filename=filename, purpose=purpose, bytes=size, sha256=sha256,
+            path=path, created=time.time(), tenant=tenant,
+        )  # fmt: skip
+
+    def file(self, file_id: str, tenant: str | None = None) -> dict[str, Any] | None:
+        """The uploaded file, if ``tenant`` (None: any) owns it."""
+        owned, params = _owned(tenant)
+        return self._one("SELECT * FROM files WHERE id = ?" + owned, (file_id, *params))
+
+    def files(self, purpose: str | None = None, tenant: str | None = None) -> list[dict[str, Any]]:
+        """Uploaded files, newest first, of one purpose and one tenant where given."""
+        where = {k: v for k, v in (("purpose", purpose), ("tenant", tenant)) if v is not None}
+        sql = "SELECT * FROM files"
+        if where:
+            sql += " WHERE " + " AND ".join(f"{k} = ?" for k in where)
+        return self._all(sql + " ORDER BY created DESC", tuple(where.values()))
+
+    def delete_file(self, file_id: str) -> bool:
+        return bool(self._execute("DELETE FROM files WHERE id = ?", (file_id,)))
 
     # ---- job events -----------------------------------------------------------------
     def add_event(

@@ -114,6 +114,7 @@ class Pending:
     future: concurrent.futures.Future
     kind: str
     model_id: str | None
+    tenant: str = "default"  # whose request: another tenant's retrieve answers as unknown
     created: float = field(default_factory=time.monotonic)
     retrieved: float | None = None
 
@@ -128,11 +129,17 @@ class FutureRegistry:
         self._items: dict[str, Pending] = {}
         self._lock = threading.Lock()
 
-    def add(self, future: concurrent.futures.Future, kind: str, model_id: str | None) -> str:
+    def add(
+        self,
+        future: concurrent.futures.Future,
+        kind: str,
+        model_id: str | None,
+        tenant: str = "default",
+    ) -> str:
         request_id = f"req-{uuid.uuid4().hex}"
         now = time.monotonic()
         with self._lock:
-            self._items[request_id] = Pending(future, kind, model_id)
+            self._items[request_id] = Pending(future, kind, model_id, tenant)
             stale = [
                 rid
                 for rid, p in self._items.items()
@@ -146,9 +153,13 @@ class FutureRegistry:
                 del self._items[rid]
         return request_id
 
-    def get(self, request_id: str) -> Pending | None:
+    def get(self, request_id: str, tenant: str | None = None) -> Pending | None:
+        """The request, if ``tenant`` (None: any) made it."""
         with self._lock:
-            return self._items.get(request_id)
+            pending = self._items.get(request_id)
+        if pending is None or tenant not in (None, pending.tenant):
+            return None
+        return pending
 
     def mark_retrieved(self, request_id: str) -> None:
         with self._lock:

@@ -24,7 +24,8 @@ from vlmtune.protocol.errors import BadRequest
 from vlmtune.protocol.wire import WireModel
 from vlmtune.server import catalog
 from vlmtune.server.chat import generate, parse_messages
-from vlmtune.server.context import SafeJSON, body_of, ctx
+from vlmtune.server.context import SafeJSON, body_of, ctx, tenant_of
+from vlmtune.server.openapi import json_body
 from vlmtune.types import SamplingParams
 
 router = APIRouter()
@@ -49,7 +50,7 @@ async def list_models(request: Request) -> SafeJSON:
     data = [
         {"id": r["id"], "object": "model", "created": int(r["created"]), "owned_by": "vlmtune",
          "vlmtune": {"kind": "promoted", "base_model": r["base_model"], "source": r["source"]}}
-        for r in c.store.models()
+        for r in c.store.models(tenant_of(request))
     ]  # fmt: skip
     for name, _ in await run_in_threadpool(catalog.available_base_models):
         data.append({"id": name, "object": "model", "created": 0, "owned_by": "vlmtune",
@@ -57,14 +58,14 @@ async def list_models(request: Request) -> SafeJSON:
     return SafeJSON({"object": "list", "data": data})
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post("/v1/chat/completions", response_model=None, openapi_extra=json_body(ChatBody))
 async def chat_completions(request: Request) -> SafeJSON | StreamingResponse:
     c = ctx(request)
     body = await body_of(request, ChatBody)
     empty = c.config.data_dir / "empty"
     empty.mkdir(exist_ok=True)
     messages = await run_in_threadpool(parse_messages, body.messages, empty)
-    key, loader = await run_in_threadpool(catalog.resolve, c.store, body.model)
+    key, loader = await run_in_threadpool(catalog.resolve, c.store, body.model, tenant_of(request))
     params = SamplingParams(
         max_tokens=body.max_completion_tokens or body.max_tokens or 256,
         temperature=body.temperature,

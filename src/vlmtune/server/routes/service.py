@@ -14,16 +14,23 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from pydantic import Field
 
 from vlmtune.defaults import image_cap
-from vlmtune.protocol.bodies import ModelIdBody, SamplingSessionBody, SessionBody
-from vlmtune.protocol.errors import BadRequest, NotFound
+from vlmtune.protocol.bodies import (
+    CreateSessionBody,
+    ModelIdBody,
+    SamplingSessionBody,
+    SessionBody,
+)
+from vlmtune.protocol.errors import BadRequest, NotFound, shown
 from vlmtune.protocol.paths import checkpoint_id, tinker_path
-from vlmtune.protocol.wire import WireModel
+from vlmtune.protocol.wire import INT64_MAX, WireModel
 from vlmtune.server.catalog import available_base_models
-from vlmtune.server.context import SafeJSON, ServerContext, body_of, ctx
+from vlmtune.server.context import SafeJSON, ServerContext, body_of, caller, ctx, tenant_of
+from vlmtune.server.openapi import json_body
 from vlmtune.server.run_config import engine_config
 
 router = APIRouter()
@@ -41,11 +48,14 @@ CLIENT_CONFIG = {
 }
 
 
+MAX_PAGE = 1000  # runs in one listing page
+
+
 class ImageTokenBody(WireModel):
     base_model: str | None = None
     model_id: str | None = None
-    min_pixels: int | None = None
-    max_pixels: int | None = None
+    min_pixels: int | None = Field(None, ge=0, le=INT64_MAX)
+    max_pixels: int | None = Field(None, ge=0, le=INT64_MAX)
     images: list[dict[str, Any]]
 
 
@@ -75,25 +85,26 @@ async def telemetry() -> SafeJSON:
     return SafeJSON({"status": "accepted"})  # accepted and dropped: nothing leaves this host
 
 
-@router.post("/api/v1/create_session")
+@router.post("/api/v1/create_session", openapi_extra=json_body(CreateSessionBody, required=False))
 async def create_session(request: Request) -> SafeJSON:
     sid = f"sess-{uuid.uuid4().hex[:16]}"
     raw = await request.body()
-    ctx(request).store.add_session(sid, {"bytes": len(raw)})
+    ctx(request).store.add_session(sid, {"bytes": len(raw)}, caller(request).tenant)
     return SafeJSON({"type": "create_session", "session_id": sid})
 
 
-@router.post("/api/v1/session_heartbeat")
+@router.post("/api/v1/session_heartbeat", openapi_extra=json_body(SessionBody))
 async def session_heartbeat(request: Request) -> SafeJSON:
     body = await body_of(request, SessionBody)
-    if not ctx(request).store.touch_session(body.session_id):
-        raise NotFound(f"unknown session {body.session_id!r}")
+    if not ctx(request).store.touch_session(body.session_id, tenant=tenant_of(request)):
+        raise NotFound(f"unknown session {shown(body.session_id)}")
     return SafeJSON({"type": "session_heartbeat"})
 
 
 @router.post("/api/v1/sessions/{session_id}/finish")
 async def finish_session(session_id: str, request: Request) -> SafeJSON:
-    ctx(request).store.touch_session(session_id, status="finished")
+    # As for an unknown session, finishing another tenant's does nothing and says nothing.
+    ctx(request).store.touch_session(session_id, status="finished", tenant=tenant_of(request))
     return SafeJSON({})
 
 
@@ -115,11 +126,14 @@ async def capabilities(request: Request) -> SafeJSON:
     )
 
 
-@router.post("/api/v1/create_sampling_session")
+@router.post("/api/v1/create_sampling_session", openapi_extra=json_body(SamplingSessionBody))
 async def create_sampling_session(request: Request) -> SafeJSON:
     c = ctx(request)
     body = await body_of(request, SamplingSessionBody)
-    sampler = await run_in_threadpool(c.samplers.create, body.model_path, body.base_model)
+    who = caller(request)
+    sampler = await run_in_threadpool(
+        c.samplers.create, body.model_path, body.base_model, who.tenant, who.sees
+    )
     validator = await run_in_threadpool(c.samplers.validator, sampler)
     configured = (
         c.runs.get(sampler.run_id).config.max_images_per_message if sampler.run_id else None
@@ -141,7 +155,7 @@ async def create_sampling_session(request: Request) -> SafeJSON:
 
 @router.get("/api/v1/samplers/{sampler_id}")
 async def get_sampler(sampler_id: str, request: Request) -> SafeJSON:
-    s = ctx(request).samplers.get(sampler_id)
+    s = ctx(request).samplers.get(sampler_id, tenant_of(request))
     path = None if s.kind != "path" else s.path
     return SafeJSON({"sampler_id": s.id, "base_model": s.base_model, "model_path": path})
 
@@ -184,9 +198,13 @@ def _run_json(c: ServerContext, row: dict[str, Any]) -> dict[str, Any]:
 
 
 @router.get("/api/v1/training_runs")
-async def list_runs(request: Request, limit: int = 20, offset: int = 0) -> SafeJSON:
+async def list_runs(
+    request: Request,
+    limit: int = Query(20, ge=0, le=MAX_PAGE, description=f"runs per page (at most {MAX_PAGE})"),
+    offset: int = Query(0, ge=0, le=INT64_MAX, description="runs to skip, newest first"),
+) -> SafeJSON:
     c = ctx(request)
-    rows, total = c.store.runs_page(limit, offset)
+    rows, total = c.store.runs_page(limit, offset, tenant_of(request))
     return SafeJSON(
         {
             "training_runs": [_run_json(c, r) for r in rows],
@@ -198,37 +216,40 @@ async def list_runs(request: Request, limit: int = 20, offset: int = 0) -> SafeJ
 @router.get("/api/v1/training_runs/{run_id}")
 async def get_run(run_id: str, request: Request) -> SafeJSON:
     c = ctx(request)
-    row = c.store.run(run_id)
+    row = c.store.run(run_id, tenant=tenant_of(request))
     if row is None:
-        raise NotFound(f"unknown training run {run_id!r}")
+        raise NotFound(f"unknown training run {shown(run_id)}")
     return SafeJSON(_run_json(c, row))
 
 
 @router.get("/api/v1/training_runs/{run_id}/checkpoints")
 async def list_checkpoints(run_id: str, request: Request) -> SafeJSON:
     c = ctx(request)
-    if c.store.run(run_id, include_deleted=True) is None:
-        raise NotFound(f"unknown training run {run_id!r}")
+    if c.store.run(run_id, include_deleted=True, tenant=tenant_of(request)) is None:
+        raise NotFound(f"unknown training run {shown(run_id)}")
     return SafeJSON(
         {"checkpoints": [_checkpoint_json(r) for r in c.store.checkpoints(run_id)], "cursor": None}
     )
 
 
-@router.post("/api/v1/unload_model")
+@router.post("/api/v1/unload_model", openapi_extra=json_body(ModelIdBody))
 async def unload_model(request: Request) -> SafeJSON:
     body = await body_of(request, ModelIdBody)
-    ctx(request).runs.unload(body.model_id)  # its checkpoints stay; it reloads on next use
+    c = ctx(request)
+    if c.store.run(body.model_id, include_deleted=True, tenant=tenant_of(request)) is None:
+        raise NotFound(f"unknown model id {shown(body.model_id)}")
+    c.runs.unload(body.model_id)  # its checkpoints stay; it reloads on next use
     return SafeJSON({"type": "unload_model", "model_id": body.model_id})
 
 
-@router.post("/api/v1/image_token_count")
-@router.post("/v1/image_token_count")
+@router.post("/api/v1/image_token_count", openapi_extra=json_body(ImageTokenBody))
+@router.post("/v1/image_token_count", openapi_extra=json_body(ImageTokenBody))
 async def image_token_count(request: Request) -> SafeJSON:
     """How many ``<|image_pad|>`` tokens each image becomes for a run or a base model."""
     c = ctx(request)
     body = await body_of(request, ImageTokenBody)
     if body.model_id is not None:
-        config = c.runs.get(body.model_id).config
+        config = c.runs.get(body.model_id, tenant_of(request)).config
     elif body.base_model is not None:
         overrides = {
             k: v for k, v in (("min_pixels", body.min_pixels), ("max_pixels", body.max_pixels)) if v

@@ -32,14 +32,15 @@ from vlmtune.protocol.bodies import (
     SaveSamplerBody,
     SaveWeightsBody,
 )
-from vlmtune.protocol.errors import BadRequest, NotFound
+from vlmtune.protocol.errors import BadRequest, NotFound, clipped, shown
 from vlmtune.protocol.proto import (
     decode_forward_backward_request,
     encode_forward_backward_output,
     encode_sample_response,
 )
 from vlmtune.protocol.wire import forward_backward_json, parse_body, sample_json, tinker_metrics
-from vlmtune.server.context import SafeJSON, ServerContext, body_of, ctx
+from vlmtune.server.context import SafeJSON, ServerContext, body_of, caller, ctx, tenant_of
+from vlmtune.server.openapi import json_body
 from vlmtune.server.run_config import model_pixels
 from vlmtune.server.runs import Run, Task
 from vlmtune.types import ForwardBackwardOutput, SampleResponse, lora_rank_of
@@ -58,34 +59,37 @@ async def _queued(
 
 
 # ---- model lifecycle -----------------------------------------------------------------
-@router.post("/api/v1/create_model")
+@router.post("/api/v1/create_model", openapi_extra=json_body(CreateModelBody))
 async def create_model(request: Request) -> SafeJSON:
     c = ctx(request)
     body = await body_of(request, CreateModelBody)
-    if not c.store.has_session(body.session_id):
-        raise NotFound(f"unknown session {body.session_id!r} (POST /api/v1/create_session first)")
+    session = c.store.session(body.session_id, tenant_of(request))
+    if session is None:
+        raise NotFound(
+            f"unknown session {shown(body.session_id)} (POST /api/v1/create_session first)"
+        )
     rank = body.lora_config.rank if body.lora_config else 0
     overrides = dict(body.engine or {})
     if body.lora_config and body.lora_config.seed is not None:
         overrides.setdefault("seed", body.lora_config.seed)
     job_id = request.scope.get("vlmtune.trainer_job")
     if job_id is not None:
-        c.jobs.check_trainer_run(job_id, body.base_model, rank)
+        c.jobs.check_trainer_run(job_id, body.base_model, rank, tenant_of(request))
     run_id = f"{body.session_id}:train:{body.model_seq_id}"
     run = await run_in_threadpool(
         lambda: c.runs.create(
             run_id, body.base_model, rank, overrides, session_id=body.session_id,
-            job_id=job_id, user_metadata=body.user_metadata,
+            job_id=job_id, user_metadata=body.user_metadata, tenant=session["tenant"],
         )
     )  # fmt: skip
     return await _queued(c, run, None, "create_model", lambda: c.runs.build(run))
 
 
-@router.post("/api/v1/get_info")
+@router.post("/api/v1/get_info", openapi_extra=json_body(ModelIdBody))
 async def get_info(request: Request) -> SafeJSON:
     c = ctx(request)
     body = await body_of(request, ModelIdBody)
-    run = c.runs.get(body.model_id)
+    run = c.runs.get(body.model_id, tenant_of(request))
     path, lo, hi = await run_in_threadpool(model_pixels, run.config)
     engine = run.engine
     cfg = run.config
@@ -119,9 +123,10 @@ async def get_info(request: Request) -> SafeJSON:
 
 # ---- primitives ----------------------------------------------------------------------
 async def _forward_backward(
-    c: ServerContext, body: ForwardBackwardBody, forward_only: bool, reference: bool = False
+    request: Request, body: ForwardBackwardBody, forward_only: bool, reference: bool = False
 ) -> SafeJSON:
-    run = c.runs.get(body.model_id)
+    c = ctx(request)
+    run = c.runs.get(body.model_id, tenant_of(request))
     fb = body.forward_backward_input
 
     def prepare() -> Task:
@@ -133,7 +138,12 @@ async def _forward_backward(
     return await _queued(c, run, body.seq_id, "forward_backward", prepare)
 
 
-@router.post("/api/v1/forward_backward")
+@router.post(
+    "/api/v1/forward_backward",
+    openapi_extra=json_body(ForwardBackwardBody),
+    description="JSON, or the tinker client's protobuf ForwardBackwardRequest "
+    "(Content-Type: application/x-protobuf).",
+)
 async def forward_backward(request: Request) -> SafeJSON:
     raw = await request.body()
     if request.headers.get("content-encoding", "identity") not in ("identity", ""):
@@ -143,38 +153,38 @@ async def forward_backward(request: Request) -> SafeJSON:
         body = parse_body(decoded, ForwardBackwardBody)
     else:
         body = await run_in_threadpool(parse_body, raw, ForwardBackwardBody)
-    return await _forward_backward(ctx(request), body, body.forward_only)
+    return await _forward_backward(request, body, body.forward_only)
 
 
-@router.post("/api/v1/forward")
+@router.post("/api/v1/forward", openapi_extra=json_body(ForwardBackwardBody))
 async def forward(request: Request) -> SafeJSON:
     body = await body_of(request, ForwardBackwardBody)
-    return await _forward_backward(ctx(request), body, True)
+    return await _forward_backward(request, body, True)
 
 
-@router.post("/api/v1/forward_reference")
+@router.post("/api/v1/forward_reference", openapi_extra=json_body(ForwardBackwardBody))
 async def forward_reference(request: Request) -> SafeJSON:
     """vlmtune's extension: ``forward`` under the base model (LoRA disabled, or a frozen
     copy for full fine-tuning), queued in order with the run's other calls."""
     body = await body_of(request, ForwardBackwardBody)
-    return await _forward_backward(ctx(request), body, True, reference=True)
+    return await _forward_backward(request, body, True, reference=True)
 
 
-@router.post("/api/v1/optim_step")
+@router.post("/api/v1/optim_step", openapi_extra=json_body(OptimStepBody))
 async def optim_step(request: Request) -> SafeJSON:
     c = ctx(request)
     body = await body_of(request, OptimStepBody)
-    run = c.runs.get(body.model_id)
+    run = c.runs.get(body.model_id, tenant_of(request))
     return await _queued(
         c, run, body.seq_id, "optim_step", lambda: c.runs.optim_step(run, body.params())
     )
 
 
-@router.post("/api/v1/save_weights")
+@router.post("/api/v1/save_weights", openapi_extra=json_body(SaveWeightsBody))
 async def save_weights(request: Request) -> SafeJSON:
     c = ctx(request)
     body = await body_of(request, SaveWeightsBody)
-    run = c.runs.get(body.model_id)
+    run = c.runs.get(body.model_id, tenant_of(request))
     name = body.path or f"state-{uuid.uuid4().hex[:12]}"
     return await _queued(
         c, run, body.seq_id, "save_weights",
@@ -182,28 +192,36 @@ async def save_weights(request: Request) -> SafeJSON:
     )  # fmt: skip
 
 
-@router.post("/api/v1/load_weights")
+@router.post("/api/v1/load_weights", openapi_extra=json_body(LoadWeightsBody))
 async def load_weights(request: Request) -> SafeJSON:
     c = ctx(request)
     body = await body_of(request, LoadWeightsBody)
+    sees = tenant_of(request)
     if body.model_id is None:  # create a run from a checkpoint (create_training_client_from_state)
-        run = await run_in_threadpool(_run_from_state, c, body)
+        run = await run_in_threadpool(_run_from_state, c, body, sees)
         seq = None
     else:
-        run, seq = c.runs.get(body.model_id), body.seq_id
+        run, seq = c.runs.get(body.model_id, sees), body.seq_id
     return await _queued(
-        c, run, seq, "load_weights", lambda: c.runs.load_state(run, body.path, body.optimizer)
-    )
+        c, run, seq, "load_weights",
+        lambda: c.runs.load_state(run, body.path, body.optimizer, sees),
+    )  # fmt: skip
 
 
-def _run_from_state(c: ServerContext, body: LoadWeightsBody) -> Run:
-    """A new run configured as the one that saved ``body.path``."""
+def _run_from_state(c: ServerContext, body: LoadWeightsBody, sees: str | None) -> Run:
+    """A new run, in the session's tenant, configured as the one that saved ``body.path``
+    (both visible to ``sees``, None: any tenant)."""
     if body.session_id is None or body.model_seq_id is None:
         raise BadRequest("load_weights needs model_id, or session_id and model_seq_id")
-    row = c.runs.resolve_checkpoint(body.path, None, "training")
+    session = c.store.session(body.session_id, sees)
+    if session is None:
+        raise NotFound(
+            f"unknown session {shown(body.session_id)} (POST /api/v1/create_session first)"
+        )
+    row = c.runs.resolve_checkpoint(body.path, None, "training", sees)
     src = c.runs.get(row["run_id"])
     if body.base_model and body.base_model != src.config.base_model:
-        raise BadRequest(f"checkpoint is for {src.config.base_model}, not {body.base_model}")
+        raise BadRequest(f"checkpoint is for {src.config.base_model}, not {shown(body.base_model)}")
     overrides = {
         k: getattr(src.config, k)
         for k in ("lora_alpha", "target_modules", "min_pixels", "max_pixels")
@@ -211,14 +229,15 @@ def _run_from_state(c: ServerContext, body: LoadWeightsBody) -> Run:
     rank = lora_rank_of(src.config.mode, src.config.lora_rank)
     run_id = f"{body.session_id}:train:{body.model_seq_id}"
     return c.runs.create(run_id, src.config.base_model, rank, overrides,
-                         session_id=body.session_id, job_id=src.job_id)  # fmt: skip
+                         session_id=body.session_id, job_id=src.job_id,
+                         tenant=session["tenant"])  # fmt: skip
 
 
-@router.post("/api/v1/save_weights_for_sampler")
+@router.post("/api/v1/save_weights_for_sampler", openapi_extra=json_body(SaveSamplerBody))
 async def save_weights_for_sampler(request: Request) -> SafeJSON:
     c = ctx(request)
     body = await body_of(request, SaveSamplerBody)
-    run = c.runs.get(body.model_id)
+    run = c.runs.get(body.model_id, tenant_of(request))
 
     def prepare() -> Task:
         if body.path is None:  # a sampling session over the run's weights, nothing on disk
@@ -229,15 +248,18 @@ async def save_weights_for_sampler(request: Request) -> SafeJSON:
 
 
 # ---- sampling ------------------------------------------------------------------------
-@router.post("/api/v1/asample")
+@router.post("/api/v1/asample", openapi_extra=json_body(SampleBody))
 async def asample(request: Request) -> SafeJSON:
     c = ctx(request)
     body = await body_of(request, SampleBody)
     body.check_supported()
+    who = caller(request)
     if body.sampling_session_id:
-        sampler = c.samplers.get(body.sampling_session_id)
+        sampler = c.samplers.get(body.sampling_session_id, who.sees)
     else:
-        sampler = await run_in_threadpool(c.samplers.create, body.model_path, body.base_model)
+        sampler = await run_in_threadpool(
+            c.samplers.create, body.model_path, body.base_model, who.tenant, who.sees
+        )
     validator = await run_in_threadpool(c.samplers.validator, sampler)
     prompt = await run_in_threadpool(validator.model_input, body.prompt, "prompt")
     params = body.sampling_params.to_params()
@@ -249,7 +271,7 @@ async def asample(request: Request) -> SafeJSON:
         bool(body.prompt_logprobs),
         body.prompt_logprobs_last_n,
     )
-    rid = c.futures.add(fut, "sample", None)
+    rid = c.futures.add(fut, "sample", None, sampler.tenant)
     n = body.num_samples
     return SafeJSON({"request_id": rid, "sample_sequence_ids": [f"{rid}:{i}" for i in range(n)]})
 
@@ -259,13 +281,15 @@ def _error_category(exc: BaseException) -> str:
     return "user" if isinstance(exc, BadRequest | NotFound | ValueError) else "server"
 
 
-@router.post("/api/v1/retrieve_future")
+@router.post("/api/v1/retrieve_future", openapi_extra=json_body(RetrieveBody))
 async def retrieve_future(request: Request) -> Response:
     c = ctx(request)
     body = await body_of(request, RetrieveBody)
-    pending = c.futures.get(body.request_id)
+    pending = c.futures.get(body.request_id, tenant_of(request))
     if pending is None:
-        raise NotFound(f"unknown request id {body.request_id!r} (results are kept for an hour)")
+        raise NotFound(
+            f"unknown request id {shown(body.request_id)} (results are kept for an hour)"
+        )
     if not pending.future.done():
         wrapped = asyncio.wrap_future(pending.future)
         # Whoever reads the result reads it from the concurrent future; this only keeps
@@ -281,7 +305,8 @@ async def retrieve_future(request: Request) -> Response:
     if exc is not None:
         if _error_category(exc) == "server":
             log.error("request %s failed", body.request_id, exc_info=exc)
-        return SafeJSON({"error": f"{type(exc).__name__}: {exc}" if _error_category(exc) == "server" else str(exc),
+        message = f"{type(exc).__name__}: {exc}" if _error_category(exc) == "server" else str(exc)
+        return SafeJSON({"error": clipped(message),
                          "category": _error_category(exc)})  # fmt: skip
     if pending.kind == "create_model":
         return SafeJSON({"type": "create_model", "model_id": pending.model_id})
@@ -305,10 +330,11 @@ def _proto(result: ForwardBackwardOutput | SampleResponse) -> bytes:
     return encode_forward_backward_output(outputs, tinker_metrics(result.metrics))
 
 
-@router.post("/api/v1/cancel_future")
+@router.post("/api/v1/cancel_future", openapi_extra=json_body(RetrieveBody))
 async def cancel_future(request: Request) -> SafeJSON:
     body = await body_of(request, RetrieveBody)
-    pending = ctx(request).futures.get(body.request_id)
+    # Another tenant's request is answered as an unknown one: nothing to cancel.
+    pending = ctx(request).futures.get(body.request_id, tenant_of(request))
     if pending is not None:
         pending.future.cancel()  # only work that has not started yet can be cancelled
     return SafeJSON({})
