@@ -21,9 +21,21 @@ $(VENV)/installed: pyproject.toml
 demo: install
 	$(PY) examples/digits/run_demo.py
 
+# The official Fireworks training client, for the tests that drive it against vlmtune
+# (tests/server/test_fireworks_client.py). It pins pydantic<2.13, below vlmtune's, so it
+# lives in its own --target folder, put on PYTHONPATH only in the client's subprocess.
+# Built once; `make clean` removes it.
+FIREWORKS_CLIENT := .cache/fireworks-client
+FIREWORKS_PINS := fireworks-ai==1.2.30 pydantic==2.12.5 pydantic-core==2.41.5 pyqwest==0.10.0
+
+$(FIREWORKS_CLIENT)/installed: | $(VENV)/installed
+	rm -rf $(FIREWORKS_CLIENT)
+	$(PIP) install -q --no-deps --target $(FIREWORKS_CLIENT) $(FIREWORKS_PINS)
+	touch $@
+
 # Two workers (pytest-xdist): much of the suite waits on subprocesses and servers, so two
 # workers on two cores take 7.6 min where one takes 10.
-test: install
+test: install $(FIREWORKS_CLIENT)/installed
 	$(PY) -m pytest -q -x -n 2 --dist loadgroup --durations=15
 
 lint: install
@@ -38,4 +50,4 @@ format: install
 	$(VENV)/bin/ruff format src tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache $(FIREWORKS_CLIENT)

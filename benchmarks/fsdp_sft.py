@@ -1,6 +1,6 @@
 """SFT on a random-weight Qwen3-VL of a real size, one or more processes (FSDP2).
 
-    .venv/bin/python benchmarks/fsdp_sft.py --size 2b --seq 4096 --fsdp     # FSDP2, 1 GPU
+    .venv/bin/python benchmarks/fsdp_sft.py --size 2b --seq-len 4096 --fsdp  # FSDP2, 1 GPU
     .venv/bin/python benchmarks/fsdp_sft.py --size 2b --nproc 2 ...          # FSDP2, 2 GPUs
 
 The model is built from the published dimensions of the size asked for
@@ -230,7 +230,7 @@ def main() -> None:
     p.add_argument("--size", default="2b", help="2b, 4b, 8b, 32b, 30b-a3b, 235b-a22b or tiny")
     p.add_argument("--layers", type=int, help="language-model layers (default: the real count)")
     p.add_argument("--mode", default="full", choices=["full", "lora"])
-    p.add_argument("--seq", type=int, default=4096, help="tokens per row (per process)")
+    p.add_argument("--seq-len", "--seq", dest="seq", type=int, default=4096, help="tokens per row")
     p.add_argument("--steps", type=int, default=8, help="timed steps (after one warm-up)")
     p.add_argument("--nproc", type=int, default=1, help="processes (torchrun, FSDP2 if > 1)")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 even in one process")

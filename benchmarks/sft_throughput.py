@@ -64,17 +64,30 @@ PAIRS = {
 }
 
 
-def run_vlmtune(name: str, examples: int, batch: int, threads: int) -> dict:
+def rss_mib() -> float:
+    """This process's resident memory now (the same on both sides)."""
+    text = Path("/proc/self/status").read_text()
+    return int(text.split("VmRSS:")[1].split()[0]) / 1024
+
+
+def run_vlmtune(name: str, examples: int, batch: int, threads: int, profile: bool) -> dict:
     """One vlmtune configuration in this process."""
     import torch
 
+    torch_mib = rss_mib()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+    # The engine imports the Qwen3-VL modules lazily (~240 MiB); import them here so
+    # that the "all imports" baseline holds what TRL's does.
+    import transformers.models.qwen3_vl.modeling_qwen3_vl  # noqa: F401
+
     from vlmtune.data import load_dataset
     from vlmtune.engine.prefetch import prefetch_images
     from vlmtune.recipes.common import learning_rate_at
     from vlmtune.render import build_sft_datums
     from vlmtune.sdk import AdamParams, ServiceClient, scale_weights, weighted_token_count
+
+    imports_mib = rss_mib()
 
     rows, _ = load_dataset(DATA, "sft")
     rows = rows[:examples]
@@ -106,10 +119,16 @@ def run_vlmtune(name: str, examples: int, batch: int, threads: int) -> dict:
         tc.optim_step(AdamParams(learning_rate=lr, eps=1e-8, grad_clip_norm=1.0)).result()
 
     step(0)  # warm-up: allocator, optimizer state
+    timer = None
+    if profile:
+        from vlmtune.engine.step_profile import StepProfile
+
+        timer = tc.engine.profile = StepProfile(tc.engine.device)
     t0 = time.perf_counter()
     for i in range(1, len(steps)):
         step(i)
-    elapsed = time.perf_counter() - t0 + prep_s
+    loop_s = time.perf_counter() - t0
+    elapsed = loop_s + prep_s
     timed = [d for b in steps[1:] for d in b]
     trainable = sum(p.numel() for p in tc.engine.trainable_params)
     return {
@@ -118,6 +137,8 @@ def run_vlmtune(name: str, examples: int, batch: int, threads: int) -> dict:
         "examples_per_s": len(timed) / elapsed,
         "tokens_per_s": sum(d.model_input.length for d in timed) / elapsed,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_after_torch_mib": torch_mib,
+        "rss_after_imports_mib": imports_mib,
         "worker_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
         "trainable_params": trainable,
         "tokens_per_example": datums[0].model_input.length + 1,  # + the last target
@@ -125,6 +146,7 @@ def run_vlmtune(name: str, examples: int, batch: int, threads: int) -> dict:
         "image_workers": prefetch.workers,
         "prep_s": prep_s,
         "cache": tc.engine.image_preprocessor.cache_info(),
+        "profile": timer.table(loop_s) if timer else None,
     }
 
 
@@ -164,7 +186,7 @@ def run_all(args: argparse.Namespace) -> list[dict]:
         for name in names:
             if name in VLMTUNE:
                 cmd = [sys.executable, __file__, "--_child", name, *common]
-                r = child(cmd, env)
+                r = child(cmd + (["--profile"] if args.profile else []), env)
             else:
                 trl = str(ROOT / "benchmarks" / "trl_baseline.py")
                 r = child([sys.executable, trl, name, "--data", str(DATA), *common], trl_env)
@@ -173,20 +195,37 @@ def run_all(args: argparse.Namespace) -> list[dict]:
             print(
                 f"[{rep}] {r['config']:22s} {r['examples_per_s']:7.1f} ex/s "
                 f"{r['tokens_per_s']:7.0f} tok/s  peak RSS {r['peak_rss_mib']:6.0f} MiB "
-                f"(children' {r['worker_peak_rss_mib']:4.0f})  load {os.getloadavg()[0]:.1f}",
+                f"(+{added(r, 'torch'):4.0f} over import torch, +{added(r, 'imports'):4.0f} over "
+                f"all imports; children' {r['worker_peak_rss_mib']:4.0f})  "
+                f"load {os.getloadavg()[0]:.1f}",
                 flush=True,
             )
+            if r.get("profile"):
+                print(r["profile"], flush=True)
     return results
 
 
+def added(r: dict, baseline: str) -> float:
+    """Peak RSS above the process's RSS after ``import torch`` (``torch``, ~500-700 MiB,
+    the same on both sides) or after all of its imports (``imports``)."""
+    return r["peak_rss_mib"] - r[f"rss_after_{baseline}_mib"]
+
+
 def summarise(results: list[dict], pairs: list[str]) -> None:
-    best = {}  # per config: the fastest repeat (least disturbed by other load)
+    """Speed: the fastest repeat per config (least disturbed by other load). Memory: the
+    mean over repeats (it does not depend on load)."""
+    best: dict[str, dict] = {}
     for r in results:
         if r["config"] not in best or r["examples_per_s"] > best[r["config"]]["examples_per_s"]:
-            best[r["config"]] = r
-    print("\nbest of repeats:")
+            best[r["config"]] = dict(r)
+    for name, b in best.items():
+        runs = [r for r in results if r["config"] == name]
+        for key in ("peak_rss_mib", "rss_after_torch_mib", "rss_after_imports_mib"):
+            b[key] = sum(r[key] for r in runs) / len(runs)
+    print("\nbest of repeats (speed), mean of repeats (memory):")
     print(
-        f"{'pair':9s} {'config':22s} {'ex/s':>7s} {'tok/s':>7s} {'RSS MiB':>8s} {'trainable':>10s}"
+        f"{'pair':9s} {'config':22s} {'ex/s':>7s} {'tok/s':>7s} {'peak RSS':>8s} "
+        f"{'+torch':>7s} {'+imports':>8s} {'trainable':>10s}"
     )
     for pair in pairs:
         v = best[PAIRS[pair][0]]
@@ -195,11 +234,14 @@ def summarise(results: list[dict], pairs: list[str]) -> None:
         for r in (v, *trls):
             print(
                 f"{pair:9s} {r['config']:22s} {r['examples_per_s']:7.1f} {r['tokens_per_s']:7.0f} "
-                f"{r['peak_rss_mib']:8.0f} {r['trainable_params']:10,d}"
+                f"{r['peak_rss_mib']:8.0f} {added(r, 'torch'):7.0f} {added(r, 'imports'):8.0f} "
+                f"{r['trainable_params']:10,d}"
             )
         print(
-            f"{pair:9s} {'ratio vlmtune/TRL':22s} {v['examples_per_s'] / t['examples_per_s']:7.2f}x "
-            f"{v['tokens_per_s'] / t['tokens_per_s']:6.2f}x {v['peak_rss_mib'] / t['peak_rss_mib']:7.2f}x"
+            f"{pair:9s} {'ratio vlmtune/TRL':22s} {v['examples_per_s'] / t['examples_per_s']:6.2f}x "
+            f"{v['tokens_per_s'] / t['tokens_per_s']:6.2f}x {v['peak_rss_mib'] / t['peak_rss_mib']:7.2f}x "
+            f"{added(v, 'torch') / added(t, 'torch'):6.2f}x "
+            f"{added(v, 'imports') / added(t, 'imports'):7.2f}x"
         )
 
 
@@ -220,12 +262,18 @@ def main() -> None:
         default=min(4, os.cpu_count() or 1),
         help="TRL DataLoader workers in trl-matched (vlmtune's prefetch picks its own)",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="print where vlmtune's step time goes (data, forward, lm_head, loss, "
+        "backward, optimizer), timed with synchronisation on CUDA",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args._child:
-        r = run_vlmtune(args._child, args.examples, args.batch, args.threads)
+        r = run_vlmtune(args._child, args.examples, args.batch, args.threads, args.profile)
         print(json.dumps(r))
         return
     if not DATA.exists():

@@ -71,9 +71,15 @@ def load_rows(path: Path, n: int) -> list[dict]:
     return rows
 
 
+def rss_mib() -> float:
+    text = Path("/proc/self/status").read_text()
+    return int(text.split("VmRSS:")[1].split()[0]) / 1024
+
+
 def run(config: str, data: Path, examples: int, batch: int, threads: int, workers: int) -> dict:
     import torch
 
+    torch_mib = rss_mib()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     import datasets
@@ -84,6 +90,7 @@ def run(config: str, data: Path, examples: int, batch: int, threads: int, worker
 
     from vlmtune.models.tiny import tiny_model_dir  # only to find the same directory
 
+    imports_mib = rss_mib()
     freeze_emb, grad_ckpt, config_workers = CONFIGS[config]
     n_workers = workers if config_workers is None else config_workers
     model_dir = tiny_model_dir()
@@ -158,6 +165,8 @@ def run(config: str, data: Path, examples: int, batch: int, threads: int, worker
         "examples_per_s": n / elapsed,
         "tokens_per_s": (timer.tok1 - timer.tok0) / elapsed,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_after_torch_mib": torch_mib,
+        "rss_after_imports_mib": imports_mib,
         "worker_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
         "trainable_params": trainable,
         "tokens_per_example": seq_len,

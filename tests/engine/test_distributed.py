@@ -259,8 +259,12 @@ def test_bf16_mixed_precision_two_ranks_equal_one_sharded_process(full_runs, tmp
     args = ("--steps", "2", "--precision", "bf16")
     alone = run_worker(1, tmp_path / "alone", *args, "--fsdp")[0]
     two = run_worker(2, tmp_path / "two", *args, "--final", str(tmp_path / "final"))[0]
-    for s in ("1", "2"):
-        assert two["steps"][s] == pytest.approx(alone["steps"][s], rel=2e-3)
+    assert two["steps"]["1"] == pytest.approx(alone["steps"]["1"], rel=2e-3)
+    # After the first update only to 5e-3: Adam's first step moves every element by
+    # lr * sign(g), and bf16 gradients near zero change sign with the summation order
+    # (measured on step 2: 1.7e-3 with SDPA's packed-row mask, 2.5e-3 with per-example
+    # attention, whose step 1 agrees to 1e-5).
+    assert two["steps"]["2"] == pytest.approx(alone["steps"]["2"], rel=5e-3)
     assert alone["steps"]["2"][0] != pytest.approx(fp32["steps"]["2"][0], rel=1e-4)
 
     # final/ holds the fp32 master weights in the compute dtype, and says so.

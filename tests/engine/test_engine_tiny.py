@@ -202,3 +202,22 @@ def test_reference_forward_is_the_base_model(tiny_dir, tmp_path):
         assert tc.forward_reference([datum]).result().metrics["loss:sum"] == pytest.approx(
             base, rel=1e-5
         )
+
+
+def test_unseeded_samples_differ_from_call_to_call_and_seeded_ones_repeat(engine):
+    """Sampling runs on a forked RNG (training's random state stays as it was). An
+    unseeded call once started from the same restored state every time, so n separate
+    one-sample requests (an RL group) came back identical."""
+    prompt = engine.renderer.render_prompt(conversation(3)[:1]).model_input
+    params = SamplingParams(max_tokens=6, temperature=1.0)
+
+    def draw(seed: int | None) -> list[int]:
+        p = params.model_copy(update={"seed": seed})
+        return engine.sample([prompt], 1, p)[0].sequences[0].tokens
+
+    unseeded = {tuple(draw(None)) for _ in range(4)}
+    assert len(unseeded) > 1  # random weights: 6 tokens from a ~150k vocabulary
+    assert draw(7) == draw(7)
+    state = torch.random.get_rng_state()
+    draw(None)
+    assert torch.equal(torch.random.get_rng_state(), state)

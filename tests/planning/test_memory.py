@@ -10,7 +10,13 @@ import sys
 import pytest
 
 from vlmtune.models.registry import list_models
-from vlmtune.planning.memory import CHUNK_LOGITS_BUDGET, GIB, dims_for, estimate_memory
+from vlmtune.planning.memory import (
+    CHUNK_LOGITS_BUDGET,
+    FROZEN_CHUNK_LOGITS_BUDGET,
+    GIB,
+    dims_for,
+    estimate_memory,
+)
 
 # A fresh process per measurement: RSS high-water mark (VmHWM, reset just before the
 # step) minus RSS before it is what one forward_backward adds: activations, the LM-head
@@ -98,9 +104,10 @@ def test_dims_reproduce_the_published_parameter_counts(spec):
 
 
 def test_chunk_budget_is_the_engines():
-    from vlmtune.engine.logprobs import CHUNK_LOGITS_BUDGET as engine_budget
+    from vlmtune.engine import logprobs
 
-    assert engine_budget == CHUNK_LOGITS_BUDGET
+    assert logprobs.CHUNK_LOGITS_BUDGET == CHUNK_LOGITS_BUDGET
+    assert logprobs.FROZEN_CHUNK_LOGITS_BUDGET == FROZEN_CHUNK_LOGITS_BUDGET
 
 
 def test_sharding_checkpointing_and_qlora_move_memory_the_right_way():
@@ -134,11 +141,12 @@ def test_fsdp_in_one_process_is_planned_as_sharded():
     assert offload.optimizer == 0 and offload.host > 0
 
 
-def test_flash_attention_plans_no_packed_row_mask():
+def test_packed_rows_plan_no_attention_mask_under_either_kernel():
+    # Packed rows attend per example under SDPA too (models/packed_attention.py).
     dims = dims_for("qwen3-vl-8b")
     sdpa = estimate_memory(dims, mode="lora", context=65536, world_size=4)
     flash = estimate_memory(
         dims, mode="lora", context=65536, world_size=4, attention="flash_attention_2"
     )
-    assert sdpa.activations - flash.activations == 65536 * 65536  # the bool T x T mask
-    assert any("mask" in n for n in sdpa.notes) and not any("mask" in n for n in flash.notes)
+    assert sdpa.activations == flash.activations
+    assert not any("mask" in n for n in sdpa.notes + flash.notes)

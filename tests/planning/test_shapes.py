@@ -95,7 +95,7 @@ def test_training_shape_ref_and_mode_check(tmp_path):
     job = load_job(write(tmp_path, body + 'training_shape_ref = "tiny-2k-cpu2"'))
     assert job.training.device == "cpu" and job.compute.gpu_count == 2
     with pytest.raises(ConfigError, match="algorithm.variety: 'fft' is not validated"):
-        load_job(write(tmp_path, body + 'shape = "qwen3-vl-8b-65k"'))
+        load_job(write(tmp_path, body + 'shape = "qwen3-vl-32b-32k"'))
 
 
 def test_sdk_training_shape_ref_rejects_clashes_and_the_wrong_process_count():

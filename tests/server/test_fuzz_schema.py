@@ -60,13 +60,24 @@ def known_ids(fuzz_server) -> dict[str, str]:
     with httpx.Client(base_url=srv.url, headers={"X-API-Key": key}, timeout=60) as http:
         session = http.post("/api/v1/create_session", json={}).json()["session_id"]
         job = http.post("/v1/jobs/trainer", json={"base_model": MODEL, "lora_rank": 4}).json()
+        # A deployment of the key's account ("default"), attached to the job.
+        deployment = {
+            "baseModel": MODEL,
+            "hotLoadTrainerJob": f"accounts/default/rlorTrainerJobs/{job['id']}",
+        }
+        http.post(
+            "/v1/accounts/default/deployments", params={"deploymentId": "fuzz-dep"}, json=deployment
+        ).raise_for_status()
     return {"model_id": tc.model_id, "run_id": tc.model_id, "session_id": session,
-            "job_id": job["id"]}  # fmt: skip
+            "job_id": job["id"], "account": "default", "deployment_id": "fuzz-dep"}  # fmt: skip
 
 
 # Operations whose success would take the known objects away from the rest of the run.
 _KEEP_IDS_AWAY = {("POST", "/api/v1/unload_model"), ("DELETE", "/v1/jobs/{job_id}"),
-                  ("POST", "/v1/jobs/{job_id}/cancel")}  # fmt: skip
+                  ("POST", "/v1/jobs/{job_id}/cancel"),
+                  ("DELETE", "/v1/accounts/{account}/deployments/{deployment_id}"),
+                  ("DELETE", "/v1/accounts/{account}/rlorTrainerJobs/{job_id}"),
+                  ("POST", "/v1/accounts/{account}/rlorTrainerJobs/{job_id}:cancel")}  # fmt: skip
 
 
 def _prepared(case: schemathesis.Case, known: dict[str, str] | None) -> schemathesis.Case:

@@ -57,11 +57,18 @@ UNKNOWN = {
     "request": "req-" + "0" * 32,
     "sample_request": "req-" + "1" * 32,
     "file": "file-" + "0" * 24,
+    "account": "tenancy-nobody",
+    "deployment": "tenancy-nodep",
 }
+# A deployment named as the hot-load routes name it (a header, not the path).
+_A_DEPLOYMENT = {"fireworks-deployment": "accounts/{account}/deployments/{deployment}"}
+_B_DEPLOYMENT = {"fireworks-deployment": "accounts/{b_account}/deployments/{deployment}"}
+_COMPLETION = {"prompt": [1, 2], "max_tokens": 1}
 
 # (route method, route path) -> B's requests on it: (method, url, JSON body, status that
-# an unknown id gets). {name} is one of A's ids (UNKNOWN's keys); {b_*} are B's own.
-PROBES: dict[tuple[str, str], list[tuple[str, str, Any, int]]] = {
+# an unknown id gets[, headers]). {name} is one of A's ids (UNKNOWN's keys); {b_*} are B's.
+Probe = tuple[str, str, Any, int] | tuple[str, str, Any, int, dict[str, str]]
+PROBES: dict[tuple[str, str], list[Probe]] = {
     ("POST", "/api/v1/create_model"): [
         ("POST", "/api/v1/create_model",
          {"session_id": "{session}", "model_seq_id": 7, "base_model": MODEL,
@@ -98,6 +105,11 @@ PROBES: dict[tuple[str, str], list[tuple[str, str, Any, int]]] = {
         # nor a run be made in A's session.
         ("POST", "/api/v1/load_weights",
          {"session_id": "{session}", "model_seq_id": 9, "path": "{state_path}"}, 404),
+    ],
+    # A trainer job's resumable states, by the job's endpoint or by one of its runs.
+    ("GET", "/api/v1/list_checkpoints"): [
+        ("GET", "/trainer/{job}/api/v1/list_checkpoints", None, 404),
+        ("GET", "/api/v1/list_checkpoints?model_id={run}", None, 404),
     ],
     ("POST", "/api/v1/save_weights_for_sampler"): [
         ("POST", "/api/v1/save_weights_for_sampler", {"model_id": "{run}", "path": "b"}, 404),
@@ -186,6 +198,81 @@ PROBES: dict[tuple[str, str], list[tuple[str, str, Any, int]]] = {
         ("POST", "/v1/chat/completions",
          {"model": "{sampler_path}", "messages": [{"role": "user", "content": "hi"}]}, 404),
     ],
+    # Deployments: A's account is unknown to B, and so is A's deployment in B's account.
+    ("POST", "/v1/accounts/{account}/deployments"): [
+        ("POST", "/v1/accounts/{account}/deployments?deploymentId=b-dep2",
+         {"baseModel": MODEL}, 404),
+    ],
+    ("GET", "/v1/accounts/{account}/deployments/{deployment_id}"): [
+        ("GET", "/v1/accounts/{account}/deployments/{deployment}", None, 404),
+        ("GET", "/v1/accounts/{b_account}/deployments/{deployment}", None, 404),
+    ],
+    ("PATCH", "/v1/accounts/{account}/deployments/{deployment_id}"): [
+        ("PATCH", "/v1/accounts/{account}/deployments/{deployment}",
+         {"maxReplicaCount": 0, "minReplicaCount": 0}, 404),
+        ("PATCH", "/v1/accounts/{b_account}/deployments/{deployment}"
+         "?updateMask=hot_load_trainer_job", {"hotLoadTrainerJob": "{b_account}-job"}, 404),
+    ],
+    ("DELETE", "/v1/accounts/{account}/deployments/{deployment_id}"): [
+        ("DELETE", "/v1/accounts/{account}/deployments/{deployment}", None, 404),
+        ("DELETE", "/v1/accounts/{b_account}/deployments/{deployment}", None, 404),
+    ],
+    ("POST", "/hot_load/v1/models/hot_load"): [
+        ("POST", "/hot_load/v1/models/hot_load", {"identity": "samp"}, 404, _A_DEPLOYMENT),
+        ("POST", "/hot_load/v1/models/hot_load", {"identity": "samp"}, 404, _B_DEPLOYMENT),
+        # B's own deployment may not load A's checkpoint.
+        ("POST", "/hot_load/v1/models/hot_load", {"identity": "{sampler_path}"}, 404,
+         {"fireworks-deployment": "accounts/{b_account}/deployments/{b_deployment}"}),
+    ],
+    ("GET", "/hot_load/v1/models/hot_load"): [
+        ("GET", "/hot_load/v1/models/hot_load", None, 404, _A_DEPLOYMENT),
+        ("GET", "/hot_load/v1/models/hot_load", None, 404, _B_DEPLOYMENT),
+    ],
+    ("POST", "/inference/v1/completions"): [
+        ("POST", "/inference/v1/completions",
+         {"model": "accounts/{account}/deployments/{deployment}", **_COMPLETION}, 404),
+        ("POST", "/inference/v1/completions",
+         {"model": "accounts/{b_account}/deployments/{deployment}", **_COMPLETION}, 404),
+    ],
+    # The Fireworks control plane: A's account is unknown to B, and so are A's trainer
+    # job (the trainer job above), its gateway and its promoted model in B's own account.
+    ("POST", "/v1/accounts/{account}/rlorTrainerJobs"): [
+        ("POST", "/v1/accounts/{account}/rlorTrainerJobs?rlorTrainerJobId=b-job",
+         {"trainingConfig": {"baseModel": MODEL, "loraRank": 4}}, 404),
+    ],
+    ("GET", "/v1/accounts/{account}/rlorTrainerJobs/{job_id}"): [
+        ("GET", "/v1/accounts/{account}/rlorTrainerJobs/{job}", None, 404),
+        ("GET", "/v1/accounts/{b_account}/rlorTrainerJobs/{job}", None, 404),
+        ("POST", "/training/v1/rlorTrainerJobs/{account}/{job}/api/v1/get_info",
+         {"model_id": "{b_run}"}, 404),
+        ("GET", "/training/v1/rlorTrainerJobs/{b_account}/{job}/api/v1/healthz", None, 404),
+    ],
+    ("DELETE", "/v1/accounts/{account}/rlorTrainerJobs/{job_id}"): [
+        ("DELETE", "/v1/accounts/{account}/rlorTrainerJobs/{job}", None, 404),
+        ("DELETE", "/v1/accounts/{b_account}/rlorTrainerJobs/{job}", None, 404),
+    ],
+    ("POST", "/v1/accounts/{account}/rlorTrainerJobs/{job_id}:cancel"): [
+        ("POST", "/v1/accounts/{b_account}/rlorTrainerJobs/{job}:cancel", None, 404),
+    ],
+    ("POST", "/v1/accounts/{account}/rlorTrainerJobs/{job_id}:resume"): [
+        ("POST", "/v1/accounts/{b_account}/rlorTrainerJobs/{job}%3Aresume", None, 404),
+    ],
+    ("GET", "/v1/accounts/{account}/rlorTrainerJobs/{job_id}/checkpoints"): [
+        ("GET", "/v1/accounts/{account}/rlorTrainerJobs/{job}/checkpoints", None, 404),
+        ("GET", "/v1/accounts/{b_account}/rlorTrainerJobs/{job}/checkpoints", None, 404),
+    ],
+    ("POST", "/v1/accounts/{account}/checkpoints/{checkpoint}:promote"): [
+        ("POST", "/v1/accounts/{b_account}/checkpoints/samp:promote",
+         {"output_model": "accounts/{b_account}/models/tenancy-b-steal",
+          "trainer_job_id": "accounts/{b_account}/rlorTrainerJobs/{job}"}, 404),
+        ("POST", "/v1/accounts/{account}/checkpoints/samp:promote",
+         {"output_model": "accounts/{account}/models/tenancy-b-steal",
+          "trainer_job_id": "accounts/{account}/rlorTrainerJobs/{job}"}, 404),
+    ],
+    ("GET", "/v1/accounts/{account}/models/{model}"): [
+        ("GET", "/v1/accounts/{account}/models/{model}", None, 404),
+        ("GET", "/v1/accounts/{b_account}/models/{model}", None, 404),
+    ],
 }  # fmt: skip
 
 # List routes: each tenant sees its own objects only (test_lists_show_only_own_objects).
@@ -194,6 +281,7 @@ LISTS = {
     ("GET", "/v1/jobs"),
     ("GET", "/v1/models"),
     ("GET", "/v1/files"),
+    ("GET", "/v1/accounts/{account}/rlorTrainerJobs"),  # test_fireworks_control
 }
 
 # Routes that reach no tenant's object, and why.
@@ -210,6 +298,11 @@ OWNS_NOTHING = {
     ("POST", "/api/v1/create_session"): "makes a session of the caller's own tenant",
     ("POST", "/v1/jobs/trainer"): "makes a job of the caller's own tenant",
     ("POST", "/v1/files"): "makes a file of the caller's own tenant",
+    ("GET", "/v1/accounts/{account}/deploymentShapes/{shape}/versions"): "the server's shapes",
+    ("GET", "/v1/accounts/{account}/deploymentShapes/{shape}/versions/{version}"): "ditto",
+    ("GET", "/v1/accounts"): "the caller's own account",
+    ("GET", "/v1/accounts/{account}/trainingShapes/{shape}/versions"): "the server's shapes",
+    ("GET", "/v1/accounts/{account}/trainingShapes/{shape}/versions/{version}"): "ditto",
 }
 
 
@@ -285,7 +378,31 @@ def world(server: ServerThread, tmp_path_factory: pytest.TempPathFactory) -> Ite
     ids["toml_job"] = _ok(a.post("/v1/jobs", json=job))["id"]
     # The operator acts on A's job: it need not run for this test.
     assert _ok(op.post(f"/v1/jobs/{ids['toml_job']}/cancel", json={}))["state"] == "cancelled"
+    # A deployment of A's, attached to A's job, with A's sampler checkpoint loaded; B has
+    # its own (B's hot-load of A's checkpoint onto it must fail).
+    ids["account"], ids["deployment"] = "tenancy-a", "tenancy-dep"
+    deployment = {
+        "baseModel": MODEL,
+        "hotLoadTrainerJob": f"accounts/tenancy-a/rlorTrainerJobs/{ids['job']}",
+    }
+    _ok(
+        a.post(
+            "/v1/accounts/tenancy-a/deployments",
+            params={"deploymentId": "tenancy-dep"},
+            json=deployment,
+        )
+    )
+    hot = {"fireworks-deployment": "accounts/tenancy-a/deployments/tenancy-dep"}
+    _ok(a.post("/hot_load/v1/models/hot_load", json={"identity": "samp"}, headers=hot))
     mine = dict(zip(("b_session", "b_run"), _run(b), strict=True))
+    mine.update(b_account="tenancy-b", b_deployment="b-dep")
+    _ok(
+        b.post(
+            "/v1/accounts/tenancy-b/deployments",
+            params={"deploymentId": "b-dep"},
+            json={"baseModel": MODEL},
+        )
+    )
     yield World(server, a, b, op, ids, mine)
     for c in (a, b, op):
         c.close()
@@ -301,8 +418,12 @@ def _fill(value: Any, ids: dict[str, str]) -> Any:
     return value
 
 
-def _send(c: httpx.Client, method: str, url: str, body: Any) -> httpx.Response:
-    return c.request(method, url, json=body) if body is not None else c.request(method, url)
+def _send(
+    c: httpx.Client, method: str, url: str, body: Any, headers: dict[str, str] | None = None
+) -> httpx.Response:
+    if body is not None:
+        return c.request(method, url, json=body, headers=headers)
+    return c.request(method, url, headers=headers)
 
 
 def _detail(r: httpx.Response, ids: dict[str, str]) -> str:
@@ -344,11 +465,12 @@ def test_another_tenant_gets_what_an_unknown_id_gets(world):
     c = world.server.context
     steps_before = c.runs.step(c.runs.get(world.ids["run"]))
     for (method, route), probes in PROBES.items():
-        for verb, url, body, status in probes:
+        for verb, url, body, status, *headers in probes:
             real = {**world.ids, **world.mine}
             fake = {**UNKNOWN, **world.mine}
-            theirs = _send(world.b, verb, _fill(url, real), _fill(body, real))
-            unknown = _send(world.b, verb, _fill(url, fake), _fill(body, fake))
+            head = headers[0] if headers else None
+            theirs = _send(world.b, verb, _fill(url, real), _fill(body, real), _fill(head, real))
+            unknown = _send(world.b, verb, _fill(url, fake), _fill(body, fake), _fill(head, fake))
             where = f"{method} {route}: {verb} {_fill(url, real)} {body}"
             assert theirs.status_code == unknown.status_code == status, (where, theirs.text)
             shown = _detail(theirs, real)
@@ -364,6 +486,12 @@ def test_another_tenant_gets_what_an_unknown_id_gets(world):
     assert c.store.checkpoint(world.ids["run"], "training", "b-was-here") is None
     assert c.store.model("tenancy-b-steal") is None
     assert c.store.file(world.ids["file"]) is not None
+    deployment = c.store.deployment("tenancy-a", world.ids["deployment"])
+    assert deployment["loaded_identity"] == "samp" and deployment["generation"] == 0
+    assert (
+        deployment["config"]["maxReplicaCount"] == 1
+        and c.store.deployment("tenancy-b", "b-dep2") is None
+    )
     retrieved = world.a.post("/api/v1/retrieve_future", json={"request_id": world.ids["request"]})
     assert _ok(retrieved)["path"] == world.ids["state_path"]
     ckpts = _ok(world.a.get(f"/api/v1/training_runs/{world.ids['run']}/checkpoints"))
@@ -405,6 +533,8 @@ def test_the_operator_sees_and_acts_on_every_tenant(world):
     assert _ok(op.get(f"/api/v1/samplers/{ids['snapshot']}"))["sampler_id"] == ids["snapshot"]
     assert _ok(op.get(f"/v1/jobs/{ids['toml_job']}"))["state"] == "cancelled"
     assert _ok(op.get(f"/v1/jobs/{ids['job']}/events"))["events"]
+    deployment = _ok(op.get("/v1/accounts/tenancy-a/deployments/tenancy-dep"))
+    assert deployment["hotLoadTrainerJob"].endswith(ids["job"])
     sample = {"model_path": ids["sampler_path"], "prompt": PROMPT,
               "sampling_params": {"max_tokens": 2}}  # fmt: skip
     _, out = _result(op, op.post("/api/v1/asample", json=sample))

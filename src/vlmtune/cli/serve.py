@@ -53,6 +53,15 @@ def serve(
             "their uploads; repeat for several (default: uploads only)",
         ),
     ] = None,
+    model_alias: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model-alias",
+            help="NAME=PATH: serve the model at PATH (a directory, a registry name such as "
+            "tiny-qwen3-vl, or a cached hub id) whenever a client names NAME, e.g. "
+            "accounts/fireworks/models/qwen3-vl-8b-instruct=tiny-qwen3-vl; repeatable",
+        ),
+    ] = None,
 ) -> None:
     """Serve the training API (Tinker-compatible), jobs and OpenAI chat completions."""
     from vlmtune.server import ServerConfig, run_server
@@ -63,6 +72,11 @@ def serve(
         roots = resolved_roots(allow_data_root or [], data_dir)
     except ValueError as e:
         _err(str(e))
+        raise typer.Exit(2) from None
+    try:
+        aliases = model_aliases(model_alias or [])
+    except ValueError as e:
+        _err(f"--model-alias {e}")
         raise typer.Exit(2) from None
 
     try:
@@ -93,8 +107,30 @@ def serve(
         data_dir=data_dir, host=host, port=port, api_keys_file=api_keys_file,
         max_body_mb=max_body_mb, max_loaded_models=max_loaded_models,
         max_concurrent_jobs=max_concurrent_jobs, allowed_data_roots=roots,
+        model_aliases=aliases,
     )  # fmt: skip
     run_server(config)
+
+
+def model_aliases(texts: list[str]) -> dict[str, str]:
+    """``--model-alias NAME=PATH`` values as the server's table (names lower-cased), each
+    target checked now: a server that would fail every request naming it does not start."""
+    from vlmtune.models.loading import resolve_model_path
+    from vlmtune.models.registry import parse_model_alias
+
+    out: dict[str, str] = {}
+    for text in texts:
+        name, target = parse_model_alias(text)
+        if name.lower() in out:
+            raise ValueError(f"{text!r}: {name!r} is aliased twice")
+        if Path(target).expanduser().exists():  # a directory: absolute, whatever the cwd
+            target = str(Path(target).expanduser().resolve())
+        try:
+            resolve_model_path(target)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{text!r}: {e}") from None
+        out[name.lower()] = target
+    return out
 
 
 @keys_app.command("create")
@@ -107,9 +143,20 @@ def keys_create(
     operator: Annotated[
         bool, typer.Option("--operator", help="the key sees and acts on every tenant's work")
     ] = False,
+    style: Annotated[
+        str,
+        typer.Option(
+            help="how to spell the key: tinker (tml-<id>_<secret>) or fireworks "
+            "(fw_<id>_<secret>, for the Fireworks training client); the server takes both"
+        ),
+    ] = "tinker",
 ) -> None:
     """Create an API key and print it (only its salted hash is stored: copy it now)."""
-    from vlmtune.server.auth import check_tenant, create_key
+    from vlmtune.server.auth import check_tenant, create_key, fireworks_spelling
+
+    if style not in ("tinker", "fireworks"):
+        _err(f"--style: expected tinker or fireworks, got {style!r}")
+        raise typer.Exit(2)
     from vlmtune.server.store import Store
 
     try:
@@ -120,7 +167,7 @@ def keys_create(
     store = Store(data_dir / "server.db")
     key = create_key(store, label, tenant, operator)
     store.close()
-    typer.echo(key)
+    typer.echo(fireworks_spelling(key) if style == "fireworks" else key)
 
 
 @keys_app.command("list")
@@ -140,11 +187,11 @@ def keys_list(data_dir: DataDirOpt = DEFAULT_DATA_DIR) -> None:
 
 @keys_app.command("revoke")
 def keys_revoke(kid: str, data_dir: DataDirOpt = DEFAULT_DATA_DIR) -> None:
-    """Revoke a key by its id (the part after tml- and before _)."""
+    """Revoke a key by its id (the part after tml- or fw_ and before _)."""
     from vlmtune.server.store import Store
 
     store = Store(data_dir / "server.db")
-    n = store.revoke_api_key(kid.removeprefix("tml-").split("_")[0])
+    n = store.revoke_api_key(kid.removeprefix("tml-").removeprefix("fw_").split("_")[0])
     store.close()
     if not n:
         _err(f"no key with id {kid}")

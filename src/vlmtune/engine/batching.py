@@ -151,8 +151,9 @@ def collate(
     rows: Sequence[Sequence[int]] | None = None,
 ) -> Batch:
     """Right-padded rows; with ``rows`` (lists of datum indices), several examples share
-    a row (packing): their positions restart at 0, which is what makes attention
-    block-diagonal (transformers derives the mask from the restarting positions).
+    a row (packing): their positions restart at 0, and ``segments`` tell attention
+    where each example starts, so that it attends within each one only
+    (``segment_bounds``; models/packed_attention.py).
 
     Raises ``ValueError`` when an image chunk's ``expected_tokens`` disagrees with the
     processor's own count, naming both numbers.
@@ -205,6 +206,17 @@ def collate(
         image_grid_thw=torch.stack(grid_list).long() if grid_list else None,
         packed=packed,
     )
+
+
+def segment_bounds(segments: Sequence[tuple[int, int, int]], B: int, T: int) -> list[int]:
+    """Offsets of a packed batch's segments in its flattened ``B * T`` tokens, from 0 to
+    ``B * T`` (flash-attention's ``cu_seqlens``). ``segments`` are ``Batch.segments``
+    (row, start, length); the padding at a row's end is a segment of its own, so every
+    token belongs to exactly one."""
+    bounds = {0, B * T, *(b * T for b in range(B))}
+    for b, start, length in segments:
+        bounds.update((b * T + start, b * T + start + length))
+    return sorted(bounds)
 
 
 def pack_rows(lengths: Sequence[int], max_row_tokens: int) -> list[list[int]]:

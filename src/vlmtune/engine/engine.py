@@ -26,6 +26,7 @@ from vlmtune.engine.divergence import check_weights_finite
 from vlmtune.engine.forward import ForwardPass
 from vlmtune.engine.micro_batches import MicroBatch, plan_micro_batches
 from vlmtune.engine.sampling import SamplingContext, generate
+from vlmtune.engine.step_profile import NO_PROFILE, StepProfile
 from vlmtune.models.adapters import LoraSettings, is_peft_model
 from vlmtune.models.loading import (
     BuildOptions,
@@ -101,6 +102,11 @@ class TrainingEngine:
         self.processor = self.loaded.processor
         self.hf_model = as_vl_model(placement.unwrap_hf(self.model))
         self.backbone = self.hf_model.model  # Qwen3VLModel: vision tower + language model
+        if config.attention == "sdpa":
+            # Packed rows attend per example, without a T x T mask; the rest is SDPA.
+            from vlmtune.models.packed_attention import use_packed_attention
+
+            use_packed_attention(self.hf_model)
         hf_config = self.hf_model.config
         self.image_token_id: int = hf_config.image_token_id
         self.spatial_merge: int = hf_config.vision_config.spatial_merge_size
@@ -135,6 +141,7 @@ class TrainingEngine:
             sharded=self._root is not None,
         )
         self.optimizer: torch.optim.AdamW | None = None
+        self._profile: StepProfile = NO_PROFILE
         self.step = 0
         self.last_packing_efficiency = 1.0
         self._reference: TrainingEngine | None = None
@@ -151,6 +158,16 @@ class TrainingEngine:
             f"model {self.loaded.spec.name} ({self.loaded.mode}; {where}): "
             f"{trainable:,} of {total:,} parameters train"
         )
+
+    @property
+    def profile(self) -> StepProfile:
+        """Where step time goes (``StepProfile``); ``NO_PROFILE`` unless a caller sets one."""
+        return self._profile
+
+    @profile.setter
+    def profile(self, profile: StepProfile) -> None:
+        self._profile = profile
+        self._forward.profile = profile
 
     # ---- distributed ----------------------------------------------------------------
     def _shard(self) -> dist_utils.ShardedRoot:
@@ -217,14 +234,21 @@ class TrainingEngine:
         per_datum: list[torch.Tensor | None] = [None] * len(datums)
         totals: dispatch.MetricTotals = {}
         local: list[int] = []
+        profile = self._profile
+        with profile.phase("data"):
+            plan = self._plan(datums)
         with torch.set_grad_enabled(backward):
-            for idx, batch, padding in self._plan(datums):
+            for idx, batch, padding in plan:
                 logprobs_B_T = self.token_logprobs(batch, dispatch.needed_positions(batch, loss_fn))
-                loss, mb_metrics = dispatch.builtin_loss(batch, logprobs_B_T, loss_fn, config or {})
+                with profile.phase("loss"):
+                    loss, mb_metrics = dispatch.builtin_loss(
+                        batch, logprobs_B_T, loss_fn, config or {}
+                    )
                 # No weighted token in the micro-batch (one process; sharded ranks anchor
                 # one): the loss is a constant and its gradient zero, nothing to backprop.
                 if backward and loss.requires_grad:
-                    loss.backward()
+                    with profile.phase("backward"):
+                        loss.backward()
                 if padding:
                     continue
                 for i, lp in zip(
@@ -342,9 +366,12 @@ class TrainingEngine:
         """AdamW step with this call's hyperparameters, optional clipping; zeroes grads."""
         if self.optimizer is None:
             self.optimizer = optim.new_adamw(self.trainable_params, params.learning_rate)
-        if self.replicated:
-            dist_utils.all_reduce_grads(self.trainable_params)
-        grad_norm = optim.clip_and_step(self.optimizer, self.trainable_params, params, self.device)
+        with self._profile.phase("optimizer"):
+            if self.replicated:
+                dist_utils.all_reduce_grads(self.trainable_params)
+            grad_norm = optim.clip_and_step(
+                self.optimizer, self.trainable_params, params, self.device
+            )
         self.step += 1
         return OptimStepResponse(
             metrics={"grad_norm": grad_norm, "learning_rate": params.learning_rate}

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,10 @@ from torch.utils.checkpoint import checkpoint
 # Each chunk's logits stay under this many entries (128 MiB in fp32): with Qwen3-VL's
 # 151,936-entry vocabulary that is ~220 positions per chunk.
 CHUNK_LOGITS_BUDGET = 32 * 2**20
+# The frozen-head path holds one (chunk, V) fp32 block (32 MiB, ~55 positions of
+# Qwen3-VL's vocabulary) and keeps none for backward: on the CPU, products of this
+# size ran fastest per position (the logits block stays in cache).
+FROZEN_CHUNK_LOGITS_BUDGET = 8 * 2**20
 # Below this many logits (64 MiB in fp32) a chunk is kept rather than recomputed in
 # backward: recomputation costs a third more LM-head work for no real memory saving.
 CHECKPOINT_MIN_LOGITS = 16 * 2**20
@@ -44,6 +48,60 @@ def _chunk_logprobs(
     logits_N_V = F.linear(hidden_N_H, weight_V_H, bias_V).float()
     target_logits_N = logits_N_V.gather(-1, targets_N.unsqueeze(-1)).squeeze(-1)
     return target_logits_N - torch.logsumexp(logits_N_V, dim=-1)
+
+
+class _FrozenHeadLogprobs(torch.autograd.Function):
+    """``log p(target)`` through a frozen LM head, with its gradient made in forward.
+
+    With the head's weight frozen, ``d lp_i / d h_i = (onehot(t_i) - p_i) @ W`` is one
+    H-vector per position, whatever the loss: computed chunk by chunk here, while each
+    chunk's softmax is at hand, it is all backward needs (N x H, the size of the hidden
+    states). Against autograd through the chunk (or a checkpointed chunk) this keeps no
+    (chunk, V) block for backward and recomputes nothing; backward is a scaling.
+
+    Every chunk goes through one fp32 (chunk, V) buffer, allocated once per call and
+    updated in place: freeing and reallocating ~32 MiB blocks per chunk fragments
+    glibc's heap (small tensors land in the freed blocks) until RSS holds GiBs of them.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden_N_H: torch.Tensor,
+        weight_V_H: torch.Tensor,
+        bias_V: torch.Tensor | None,
+        targets_N: torch.Tensor,
+        chunk_tokens: int,
+    ) -> torch.Tensor:
+        N, V = hidden_N_H.shape[0], weight_V_H.shape[0]
+        buf = torch.empty(min(N, chunk_tokens), V, dtype=torch.float32, device=hidden_N_H.device)
+        lp_N = torch.empty(N, dtype=torch.float32, device=hidden_N_H.device)
+        dlp_N_H = torch.empty_like(hidden_N_H)
+        fp32 = weight_V_H.dtype == torch.float32 and hidden_N_H.dtype == torch.float32
+        for start in range(0, N, chunk_tokens):
+            h = hidden_N_H[start : start + chunk_tokens]
+            t_n1 = targets_N[start : start + chunk_tokens].unsqueeze(-1)
+            z = buf[: h.shape[0]]
+            if fp32:
+                torch.mm(h, weight_V_H.t(), out=z)
+                if bias_V is not None:
+                    z.add_(bias_V)
+            else:  # fp32 for the softmax, as in _chunk_logprobs
+                z.copy_(F.linear(h, weight_V_H, bias_V))
+            z.sub_(z.amax(dim=-1, keepdim=True))
+            z_t = z.gather(-1, t_n1).squeeze(-1)
+            sum_n1 = z.exp_().sum(dim=-1, keepdim=True)
+            lp_N[start : start + h.shape[0]] = z_t - sum_n1.squeeze(-1).log()
+            # onehot - softmax, in place
+            z.div_(sum_n1.neg_()).scatter_add_(-1, t_n1, torch.ones_like(t_n1, dtype=z.dtype))
+            dlp_N_H[start : start + h.shape[0]] = z.to(weight_V_H.dtype) @ weight_V_H
+        ctx.save_for_backward(dlp_N_H)
+        return lp_N
+
+    @staticmethod
+    def backward(ctx: Any, grad_N: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (dlp_N_H,) = ctx.saved_tensors
+        return (grad_N.unsqueeze(-1).to(dlp_N_H.dtype) * dlp_N_H, None, None, None, None)
 
 
 FusedBackend = Literal["liger", "cce"]
@@ -173,6 +231,10 @@ def selected_token_logprobs(
         backend = fused_backend(hidden_N_H, weight_V_H, bias_V, needs_grad, fused)
         if backend is not None:
             return fused_token_logprobs(backend, hidden_N_H, weight_V_H, bias_V, targets_N)
+    head_frozen = not weight_V_H.requires_grad and (bias_V is None or not bias_V.requires_grad)
+    if needs_grad and head_frozen and _is_plain_tensor(weight_V_H) and hidden_N_H.shape[0] > 0:
+        frozen_chunk = chunk_tokens or max(1, FROZEN_CHUNK_LOGITS_BUDGET // weight_V_H.shape[0])
+        return _FrozenHeadLogprobs.apply(hidden_N_H, weight_V_H, bias_V, targets_N, frozen_chunk)
     if chunk_tokens is None:
         chunk_tokens = max(1, CHUNK_LOGITS_BUDGET // weight_V_H.shape[0])
     pieces = []

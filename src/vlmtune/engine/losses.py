@@ -248,6 +248,11 @@ def loss_spec(name: str) -> LossSpec:
     return spec
 
 
+# A 0/1 per-position mask any loss accepts (the Fireworks cookbook's RL data carry it):
+# the server multiplies it into the loss's ``positions`` input, then drops it.
+MASK_INPUT = "loss_mask"
+
+
 def known_inputs() -> tuple[str, ...]:
     """Every ``loss_fn_inputs`` key some built-in loss reads, targets first."""
     keys = dict.fromkeys(["target_tokens", *(k for s in LOSSES.values() for k in s.inputs)])

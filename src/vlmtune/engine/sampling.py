@@ -6,6 +6,7 @@ distribution at each sampled token: the quantity the training losses compare aga
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -113,9 +114,12 @@ def _generate_batch(
     was_training = ctx.mode_owner.training
     ctx.mode_owner.eval()
     try:
+        # Sampling draws from a forked RNG so that it leaves training's random state as
+        # it was; an unseeded call gets a fresh seed, or every call would start from the
+        # same restored state and draw the same samples.
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
         with torch.random.fork_rng(devices=[]):
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
+            torch.manual_seed(seed)
             out = ctx.hf_model.generate(**kwargs)
     finally:
         ctx.mode_owner.train(was_training)

@@ -170,6 +170,44 @@ def known_names_hint(name: str) -> str:
     return f"expected one of {known} (or a short alias such as 'qwen3-vl-8b')"
 
 
+def hosted_name(name: str) -> str | None:
+    """The hosted service's resource name for a registry model (``Qwen/Qwen3-VL-8B-Instruct``
+    or an alias of it -> ``accounts/fireworks/models/qwen3-vl-8b-instruct``); None if it
+    has none (the tiny models, local directories)."""
+    spec = _BY_KEY.get(name.strip().lower())
+    if spec is None:
+        return None
+    return next((h for h, hf in HOSTED_MODEL_NAMES.items() if hf == spec.name), None)
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two names mean one registry model (``qwen3-vl-8b``, its hub id and its
+    hosted name do), or are the same name."""
+    spec_a = _BY_KEY.get(a.strip().lower())
+    return a.strip().lower() == b.strip().lower() or (
+        spec_a is not None and spec_a is _BY_KEY.get(b.strip().lower())
+    )
+
+
+def parse_model_alias(text: str) -> tuple[str, str]:
+    """``NAME=TARGET`` (``vlmtune serve --model-alias``) as (name, target), or ValueError.
+
+    The name is matched case-insensitively, as registry names are; the target is any
+    model reference this machine resolves (a registry name, a hub id, a directory)."""
+    name, sep, target = text.partition("=")
+    name, target = name.strip(), target.strip()
+    if not sep or not name or not target:
+        raise ValueError(
+            f"{text!r}: expected NAME=PATH (e.g. {HOSTED_PREFIX}qwen3-vl-8b-instruct=tiny-qwen3-vl)"
+        )
+    return name, target
+
+
+def aliased(name: str, aliases: dict[str, str]) -> str:
+    """What ``name`` means under ``aliases`` (keys lower-cased): its target, or itself."""
+    return aliases.get(name.strip().lower(), name)
+
+
 def get_model_spec(name_or_path: str) -> ModelSpec:
     """Look a model up by id (case-insensitive), short alias, hosted resource name
     (``accounts/fireworks/models/...``), or local checkpoint directory."""

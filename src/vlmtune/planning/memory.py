@@ -11,13 +11,11 @@ The estimate follows what *this* engine does, not a generic recipe:
   gathered at a time (all of them with ``reshard_after_forward=False``);
 - QLoRA (one GPU): 4-bit language-model linears; peft's k-bit preparation upcasts
   every other weight (embeddings, LM head, vision tower) to fp32;
-- activations of one packed row of ``context`` tokens: every tensor a decoder layer
-  saves for backward, or with activation checkpointing only each layer's input plus
-  one layer recomputed; the chunked LM-head loss adds one chunk of fp32 logits (x4
-  at its peak in backward: recomputed logits, logsumexp's exp, softmax, gradient;
-  measured on the tiny model); a packed row under SDPA adds its T x T boolean mask.
+- activations: ``planning/activations.py`` (the moment of the step that holds the
+  peak, with the vision tower's share for the image tokens of the row).
 
-Vision-tower activations are not counted (a few thousand image tokens at most).
+``MemoryEstimate.parts`` says what each term is made of, so that a plan that does not
+fit can name the part that is too big (``planning/fit.py``).
 """
 
 from __future__ import annotations
@@ -27,10 +25,25 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from vlmtune.planning.activations import (
+    CHUNK_LOGITS_BUDGET,
+    FROZEN_CHUNK_LOGITS_BUDGET,
+    activation_bytes_per_token_layer,
+    step_activations,
+)
+
+__all__ = [
+    "CHUNK_LOGITS_BUDGET",
+    "FROZEN_CHUNK_LOGITS_BUDGET",
+    "GIB",
+    "MemoryEstimate",
+    "ModelDims",
+    "activation_bytes_per_token_layer",
+    "dims_for",
+    "estimate_memory",
+]
+
 GIB = 2**30
-# = vlmtune.engine.logprobs.CHUNK_LOGITS_BUDGET (a test keeps them equal); not imported
-# so that planning stays free of torch.
-CHUNK_LOGITS_BUDGET = 32 * 2**20
 # CUDA context, cuBLAS workspace and NCCL buffers: measured ~0.6-1.2 GiB on H100s.
 GPU_RUNTIME_OVERHEAD = 1 * GIB
 # nf4 with double quantisation: 4 bits + one 8-bit scale per 64 weights + fp32 scales of those.
@@ -232,29 +245,20 @@ class MemoryEstimate:
     overhead: int
     host: int = 0
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # (term, what, bytes): what each of weights/grads/optimizer/activations holds
+    parts: tuple[tuple[str, str, int], ...] = field(default_factory=tuple)
+    activation_phase: str = ""  # the moment of the step that holds the activation peak
 
     @property
     def total(self) -> int:
         return self.weights + self.grads + self.optimizer + self.activations + self.overhead
 
     def as_dict(self) -> dict[str, object]:
-        return {**asdict(self), "notes": list(self.notes), "total": self.total}
+        parts = [{"term": t, "what": w, "bytes": b} for t, w, b in self.parts]
+        return {**asdict(self), "notes": list(self.notes), "parts": parts, "total": self.total}
 
-
-def activation_bytes_per_token_layer(dims: ModelDims, cb: int) -> int:
-    """Bytes one decoder layer saves for backward, per token (compute dtype ``cb`` bytes).
-
-    RMSNorms save an fp32 copy and the normalised output (x2 norms, plus the q/k norms);
-    attention saves q, k, v after RoPE, the key/value heads repeated for GQA, and the
-    output; the SwiGLU MLP saves gate, up, act(gate) and their product.
-    """
-    f = 4
-    h, q, kv = dims.hidden, dims.q_dim, dims.kv_dim
-    inter = dims.intermediate * (dims.experts_active or 1)
-    norms = 2 * (2 * f + cb) * h + (2 * f + cb) * (q + kv)
-    attention = cb * (2 * q + 2 * kv) + cb * 2 * (q - kv) + cb * q
-    mlp = 4 * cb * inter
-    return norms + attention + mlp
+    def term_parts(self, term: str) -> list[tuple[str, int]]:
+        return [(w, b) for t, w, b in self.parts if t == term]
 
 
 def estimate_memory(
@@ -277,10 +281,17 @@ def estimate_memory(
     packed: bool = True,
     attention: Literal["sdpa", "flash_attention_2"] = "sdpa",
     weighted_tokens: int | None = None,
+    image_tokens: int = 0,
 ) -> MemoryEstimate:
-    """Peak bytes per GPU of one training step on a row of ``context`` tokens."""
+    """Peak bytes per GPU of one training step on a row of ``context`` tokens, of which
+    ``image_tokens`` are image positions (each ``PATCHES_PER_IMAGE_TOKEN`` tower patches).
+
+    ``packed`` and ``attention`` no longer change the estimate: packed rows build no
+    attention mask under either kernel. They stay for the callers that pass them."""
     notes: list[str] = []
+    parts: list[tuple[str, str, int]] = []
     cb = 4 if precision == "fp32" or device == "cpu" else 2
+    dt = "fp32" if cb == 4 else "bf16"
     n = max(1, world_size)
     # One process shards too when asked (or offloading). qlora never shards: 4-bit
     # weights are replicated on every GPU and only LoRA gradients are all-reduced.
@@ -299,6 +310,7 @@ def estimate_memory(
         notes.append("MoE: LoRA adapts attention only (fused experts train in mode full)")
     if replicated:
         notes.append(f"data-parallel: the whole model on each of {n} GPUs (not sharded)")
+    what = f"{trainable / 1e9:.2f}B trainable" + (f" / {n} GPUs" if sharded else "")
 
     # -- weights, grads, optimizer ---------------------------------------------------------
     if mode == "qlora":
@@ -306,50 +318,63 @@ def estimate_memory(
         weights = int(quantised * QLORA_BYTES_PER_PARAM) + 4 * (P - quantised) + 4 * trainable
         grads, optimizer = 4 * trainable, 8 * trainable
         grads += 4 * trainable if replicated else 0  # the all-reduce's flat fp32 bucket
+        parts.append(("weights", "4-bit decoder linears, fp32 rest and adapters", weights))
     elif not sharded:
         state_bytes = cb if mode == "full" else 4  # peft keeps adapters in fp32
         weights = cb * P + (4 * trainable if mode == "lora" else 0)
         grads, optimizer = state_bytes * trainable, 2 * state_bytes * trainable
         grads += 4 * trainable if replicated else 0  # the all-reduce's flat fp32 bucket
+        parts.append(("weights", f"the whole model in {dt}, on this GPU", weights))
     else:
         stored = 4 * P if mode == "full" else cb * P + 4 * trainable
         weights, grads, optimizer = stored // n, 4 * trainable // n, 8 * trainable // n
+        parts.append(("weights", f"{'fp32' if mode == 'full' else dt} shards (1/{n})", weights))
+        parts.append(("grads", f"fp32 gradient shards (1/{n})", grads))
         # Gathered on top of the shards: the root group all step, and layers in flight.
         root = dims.embedding_params + dims.head_params + dims.projector_params
         in_flight = 2 if reshard_after_forward else dims.layers
-        weights += cb * (root + in_flight * dims.layer_params)
+        gathered_root, gathered_layers = cb * root, cb * in_flight * dims.layer_params
+        parts.append(
+            ("weights", f"root gathered in {dt} (embeddings, LM head, mergers)", gathered_root)
+        )
+        parts.append(("weights", f"{in_flight} decoder layers gathered at a time", gathered_layers))
+        weights += gathered_root + gathered_layers
         rb = 4 if reduce_dtype == "fp32" or device == "cpu" else 2
         per_layer_grad = dims.layer_params if mode == "full" else trainable // dims.layers
         root_grad = (0 if freeze_embeddings else embed) if mode == "full" else 0
-        grads += rb * (per_layer_grad + root_grad)
+        unsharded = rb * (per_layer_grad + root_grad)
+        parts.append(
+            ("grads", "unsharded grads before reduce-scatter (a layer, the root)", unsharded)
+        )
+        grads += unsharded
+    if not sharded or mode == "qlora":
+        parts.append(("grads", f"gradients of {what}", grads))
+    parts.append(("optimizer", f"AdamW moments of {what}", optimizer))
     host = 0
     if cpu_offload and sharded:
         shards = (4 * P if mode == "full" else cb * P) // n + 12 * trainable // n
-        host = shards
+        # AdamW's foreach step (engine/optim.py) makes one fp32 temporary per moment.
+        host = shards + 4 * trainable // n
         weights -= (4 * P if mode == "full" else cb * P + 4 * trainable) // n
         grads -= 4 * trainable // n
         optimizer = 0
+        # The shards and the optimizer state leave the GPU: only gathered copies stay.
+        parts = [p for p in parts if "shards" not in p[1] and p[0] != "optimizer"]
         notes.append("CPU offload: shards and AdamW state in host memory (see host)")
 
     # -- activations ---------------------------------------------------------------------
-    T = context
-    per_layer = activation_bytes_per_token_layer(dims, cb)
-    n_weighted = T if weighted_tokens is None else min(T, weighted_tokens)
-    chunk = min(n_weighted, max(1, CHUNK_LOGITS_BUDGET // dims.vocab))
-    head = 4 * 4 * chunk * dims.vocab  # peaks first in backward, then is freed
-    if activation_checkpointing:
-        # Only layer inputs are kept; a layer's recompute comes after the head's peak.
-        saved = dims.layers * cb * dims.hidden * T
-        transient = max(head, per_layer * T)
-    else:
-        saved, transient = dims.layers * per_layer * T, head
-    outside = cb * dims.hidden * T + (8 + cb) * dims.hidden * T  # embeddings, final norm
-    outside += cb * dims.hidden * n_weighted  # the weighted positions' hidden states
-    # SDPA's block-diagonal boolean mask of a packed row (flash-attention varlen has none)
-    mask = T * T if packed and attention == "sdpa" else 0
-    if mask and T >= 16_384:
-        notes.append(f"packed-row attention mask alone is {mask / GIB:.1f} GiB at {T} tokens")
-    activations = saved + transient + outside + mask
+    n_weighted = context if weighted_tokens is None else min(context, weighted_tokens)
+    act = step_activations(
+        dims,
+        cb=cb,
+        context=context,
+        weighted=n_weighted,
+        image_tokens=image_tokens,
+        checkpointing=activation_checkpointing,
+        head_frozen=mode != "full" or freeze_embeddings,
+        vision_trainable=not freeze_vision,
+    )
+    parts += [("activations", w, b) for w, b in act.parts]
 
     return MemoryEstimate(
         params=P,
@@ -357,8 +382,10 @@ def estimate_memory(
         weights=weights,
         grads=grads,
         optimizer=optimizer,
-        activations=activations,
+        activations=act.peak,
         overhead=GPU_RUNTIME_OVERHEAD if device == "cuda" else 0,
         host=host,
         notes=tuple(notes),
+        parts=tuple(parts),
+        activation_phase=act.phase,
     )

@@ -4,6 +4,10 @@
 uses) fills in every key the shape owns; setting one of those keys by hand as well
 is a config error naming the keys, so a run on a shape is exactly that setup.
 
+A shape may set some keys per fine-tuning mode (``mode_settings``): full fine-tuning
+of the 8B model at 65k tokens on 4 GPUs needs CPU offload, LoRA there does not and
+should not pay for it. ``shape.for_mode(mode)`` is the shape a job of that mode runs.
+
 Only ``tiny-2k-cpu2`` has been run here (tests, on CPU processes). The GPU shapes
 are sized with the memory estimator (``vlmtune shapes`` prints it): they are plans
 that fit on paper, to be confirmed by a run on the hardware named.
@@ -13,7 +17,9 @@ Imports nothing heavy: config loading uses it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from vlmtune.job_dialect import get_dotted
@@ -48,10 +54,16 @@ class TrainingShape:
     activation_checkpointing: bool = True
     cpu_offload: bool = False
     description: str = ""
+    # Per fine-tuning mode, fields that differ from the ones above (see for_mode).
+    mode_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
 
     @property
     def world_size(self) -> int:
         return self.gpu_count * self.nodes
+
+    def for_mode(self, mode: str) -> TrainingShape:
+        """The shape a job of ``mode`` (full, lora, qlora) runs: its mode settings applied."""
+        return replace(self, **self.mode_settings.get(mode, {}))
 
     def owned_keys(self) -> dict[str, Any]:
         """The job-file keys this shape sets, dotted, with their values."""
@@ -114,7 +126,19 @@ _SHAPES: tuple[TrainingShape, ...] = (
         sharding="replicate",
         description="QLoRA data-parallel on two GPUs (the hosted trainer's use_qlora jobs)",
     ),
-    _gpu("qwen3-vl-8b-65k", "Qwen/Qwen3-VL-8B-Instruct", 65_536, 4, ("lora",)),
+    # Full fine-tuning at 65k on 4 x 80 GB: fp32 master weights, grads and AdamW state
+    # (~31 GiB per GPU sharded over 4) do not fit next to 38 GiB of checkpointed
+    # activations; CPU offload moves them to host memory (vlmtune plan shows the sums).
+    _gpu(
+        "qwen3-vl-8b-65k",
+        "Qwen/Qwen3-VL-8B-Instruct",
+        65_536,
+        4,
+        ("full", "lora"),
+        mode_settings={"full": {"cpu_offload": True}},
+        description="65k-token rows on 4 GPUs; full fine-tuning offloads its shards and "
+        "AdamW state to host memory",
+    ),
     _gpu("qwen3-vl-32b-32k", "Qwen/Qwen3-VL-32B-Instruct", 32_768, 8, ("lora",)),
     _gpu("qwen3-vl-30b-a3b-32k", "Qwen/Qwen3-VL-30B-A3B-Instruct", 32_768, 4, ("lora",)),
     _gpu(
@@ -138,8 +162,15 @@ def list_shapes() -> list[TrainingShape]:
     return list(_SHAPES)
 
 
+# The hosted service's resource name of a shape (its SDK's training_shape_ref).
+_RESOURCE_NAME = re.compile(r"accounts/[^/]+/trainingShapes/([^/]+)(?:/versions/[^/]+)?")
+
+
 def get_shape(name: str) -> TrainingShape:
-    shape = _BY_NAME.get(name.strip().lower())
+    """A shape by name, or by ``accounts/<a>/trainingShapes/<name>[/versions/<v>]``."""
+    key = name.strip()
+    resource = _RESOURCE_NAME.fullmatch(key)
+    shape = _BY_NAME.get((resource.group(1) if resource else key).lower())
     if shape is None:
         raise UnknownShapeError(f"unknown training shape {name!r}; known: {', '.join(_BY_NAME)}")
     return shape
@@ -170,7 +201,7 @@ def apply_shape(raw: dict[str, Any]) -> list[str]:
         return ["compute.shape: set either shape or training_shape_ref, not both"]
     key, name = next(iter(names.items()))
     try:
-        shape = get_shape(str(name))
+        shape = get_shape(str(name)).for_mode(_raw_mode(raw))
     except UnknownShapeError as e:
         return [f"compute.{key}: {e}"]
     owned = shape.owned_keys()
@@ -187,3 +218,10 @@ def apply_shape(raw: dict[str, Any]) -> list[str]:
         if isinstance(node, dict):
             node[leaf] = value
     return []
+
+
+def _raw_mode(raw: dict[str, Any]) -> str:
+    """The fine-tuning mode of a raw (translated, not yet validated) job dict."""
+    present, variety = get_dotted(raw, "algorithm.variety")
+    variety = variety if present else "lora"  # the schema's default
+    return "full" if variety == "fft" else str(variety)

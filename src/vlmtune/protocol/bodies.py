@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from vlmtune.protocol.errors import BadRequest
 from vlmtune.protocol.wire import (
@@ -70,8 +70,24 @@ class FwdBwdInput(WireModel):
 class ForwardBackwardBody(WireModel):
     model_id: str
     seq_id: SeqId | None = None
+    # tinker 0.23 (and the Fireworks clients built on it) send ``forward``'s input as
+    # ``forward_input``: the same shape under the name of its own request type.
     forward_backward_input: FwdBwdInput
     forward_only: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _forward_input(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "forward_input" in data:
+            data = dict(data)
+            data.setdefault("forward_backward_input", data.pop("forward_input"))
+        return data
+
+
+# How ``optim_step`` scales the gradients accumulated since the last step (the Fireworks
+# clients' ``grad_accumulation_normalization``): by 1 / the positions whose loss input
+# was non-zero, by 1 / the data with any such position, or not at all.
+GradNormalization = Literal["num_loss_tokens", "num_sequences", "none"]
 
 
 class OptimStepBody(WireModel):
@@ -80,6 +96,8 @@ class OptimStepBody(WireModel):
     adam_params: WireAdam | None = None
     optim_params: WireAdam | None = None
     optimizer_params: dict[str, Any] | None = None
+    # Fireworks extension; absent or "none": the gradients as accumulated (Tinker's).
+    grad_accumulation_normalization: GradNormalization | None = None
 
     def params(self) -> AdamParams:
         if self.optimizer_params is not None:
@@ -90,6 +108,9 @@ class OptimStepBody(WireModel):
 class LoraWire(WireModel):
     rank: int = Field(ge=0, le=MAX_LORA_RANK)
     seed: Int64 | None = None  # torch seeds are 64-bit
+    # Fireworks extension (tinker's LoraConfig has none): the LoRA scale's numerator;
+    # absent, the engine's default (32, what the Fireworks clients send too).
+    alpha: int | None = Field(None, ge=1, le=1 << 20)
 
 
 class CreateModelBody(WireModel):
@@ -100,6 +121,9 @@ class CreateModelBody(WireModel):
     user_metadata: dict[str, Any] | None = None
     optimizer_config: dict[str, Any] | None = None
     engine: dict[str, Any] | None = None  # vlmtune extension: EngineConfig overrides
+    # Fireworks extension: a frozen copy of the base model (a DPO/KL reference) that
+    # serves forward passes only; it takes no lora_config.
+    base_only: bool = False
 
 
 class SaveWeightsBody(WireModel):
@@ -117,8 +141,28 @@ class SaveSamplerBody(WireModel):
     seq_id: SeqId | None = None
     sampling_session_seq_id: Int64 | None = None
     kind: Literal["snapshot", "inflight"] = "snapshot"
-    checkpoint_type: Literal["base", "merged"] = "base"  # vlmtune extension
+    # What is written (vlmtune's "base"/"merged", and the Fireworks clients' names):
+    #   base:   the run's weights as they train: a LoRA adapter directory, or the full
+    #           model for full fine-tuning.
+    #   delta:  Fireworks' diff against the last base, for hot-loading; vlmtune writes
+    #           what base writes, so every delta checkpoint also stands alone.
+    #   merged, merged_base: a LoRA folded into its base, written as a full model
+    #           directory (for full fine-tuning the same as base).
+    # The checkpoint is recorded as what was written: base or merged (``saving_mode``).
+    checkpoint_type: Literal["base", "delta", "merged", "merged_base"] = "base"
+    # Fireworks: the merged model's dtype; vlmtune writes the engine's ("source") only.
+    export_precision: Literal["source", "bf16", "nvfp4", "mxfp8", "fp8_block128"] | None = None
     user_metadata: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None  # Fireworks: the client's own bookkeeping, kept
+
+    def saving_mode(self) -> Literal["base", "merged"]:
+        """How the engine writes this checkpoint (see ``checkpoint_type``)."""
+        if self.export_precision not in (None, "source"):
+            raise BadRequest(
+                f"export_precision {self.export_precision!r}: this server writes the weights "
+                'in the engine\'s own dtype (send "source" or leave it out)'
+            )
+        return "merged" if self.checkpoint_type in ("merged", "merged_base") else "base"
 
 
 class LoadWeightsBody(WireModel):

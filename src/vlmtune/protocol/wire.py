@@ -267,14 +267,15 @@ class WireSamplingParams(WireModel):
     top_p: float = Field(1.0, gt=0, le=1)
 
     def to_params(self) -> SamplingParams:
-        if self.top_k == 0 or self.top_k < -1:
-            raise BadRequest("sampling_params.top_k must be -1 (no limit) or >= 1")
+        if self.top_k < -1:
+            raise BadRequest("sampling_params.top_k must be -1 or 0 (no limit) or >= 1")
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or None)
         return SamplingParams(
             max_tokens=self.max_tokens or 64,
             temperature=self.temperature,
             top_p=self.top_p,
-            top_k=self.top_k,
+            # Tinker spells "no limit" -1, Fireworks and vLLM's OpenAI server 0.
+            top_k=-1 if self.top_k == 0 else self.top_k,
             stop=stop,
             seed=None if self.seed is None else self.seed % 2**63,
         )

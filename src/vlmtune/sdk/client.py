@@ -280,8 +280,10 @@ class ServiceClient:
         model family's cap (Qwen3-VL: 1); 0, no cap (``vlmtune.defaults.image_cap``).
         """
         if training_shape_ref is not None:
+            merged = {**self.engine_defaults, **engine_kwargs}
+            mode = merged.get("mode") or mode_for(lora_rank)
             base_model, engine_kwargs = _apply_training_shape(
-                training_shape_ref, base_model, {**self.engine_defaults, **engine_kwargs}
+                training_shape_ref, base_model, merged, mode
             )
         if base_model is None:
             raise TypeError("create_training_client() needs base_model or training_shape_ref")
@@ -335,14 +337,15 @@ def connect(
 
 
 def _apply_training_shape(
-    name: str, base_model: str | None, kwargs: dict[str, Any]
+    name: str, base_model: str | None, kwargs: dict[str, Any], mode: str
 ) -> tuple[str, dict[str, Any]]:
-    """The shape's model and engine settings merged into ``kwargs`` (clashes raise)."""
+    """The shape's model and engine settings for ``mode`` merged into ``kwargs`` (clashes
+    raise): a shape may set some per mode (CPU offload for full fine-tuning)."""
     from vlmtune.engine.distributed import env_info
     from vlmtune.models.registry import get_model_spec
     from vlmtune.planning.shapes import get_shape
 
-    shape = get_shape(name)
+    shape = get_shape(name).for_mode(mode)
     settings = shape.engine_settings()
     if shape.gpu_type == "cpu":
         settings["device"] = "cpu"

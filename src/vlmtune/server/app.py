@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
-from vlmtune.protocol.errors import BadRequest, NotFound, clipped
+from vlmtune.protocol.errors import BadRequest, NotFound, clipped, shown
 from vlmtune.protocol.proto import ProtoError
 from vlmtune.server.auth import (
     IDENTITY_SCOPE_KEY,
@@ -35,6 +35,7 @@ from vlmtune.server.auth import (
     Send,
 )
 from vlmtune.server.context import SafeJSON, ServerConfig, ServerContext
+from vlmtune.server.fireworks import account_scope
 from vlmtune.server.inference import ModelPool
 from vlmtune.server.jobs import JobRunner
 from vlmtune.server.openapi import ERROR_RESPONSES, openapi_schema
@@ -44,7 +45,11 @@ from vlmtune.server.store import Store
 from vlmtune.server.workers import FutureRegistry
 
 log = logging.getLogger("vlmtune.server")
-_TRAINER_PREFIX = re.compile(r"^/trainer/(job-[0-9a-f]{12})(/.*)$")
+# Any job id: a Fireworks client names its trainer jobs itself.
+_TRAINER_PREFIX = re.compile(r"^/trainer/([^/]+)(/.*)$")
+# The Fireworks client's trainer gateway: /training/v1/rlorTrainerJobs/<account>/<job>/...
+# (the job id is the client's choice).
+_GATEWAY_PREFIX = re.compile(r"^/training/v1/rlorTrainerJobs/([^/]+)/([^/]+)(/.*)$")
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
 
@@ -60,15 +65,40 @@ class TrainerPrefix:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            m = _TRAINER_PREFIX.match(scope["path"])
-            if m:
-                identity: Identity = scope[IDENTITY_SCOPE_KEY]  # the gate ran first
-                if self.app.state.ctx.store.job(m.group(1), identity.sees) is None:
-                    await _error(404, f"unknown job {m.group(1)!r}")(scope, receive, send)
+            routed = self._route(scope)
+            if routed is not None:
+                job_id, rest, refusal = routed
+                if refusal is not None:
+                    await _error(404, refusal)(scope, receive, send)
                     return
-                scope = dict(scope, path=m.group(2), raw_path=m.group(2).encode())
-                scope["vlmtune.trainer_job"] = m.group(1)
+                scope = dict(scope, path=rest, raw_path=rest.encode())
+                scope["vlmtune.trainer_job"] = job_id
         await self.app(scope, receive, send)
+
+    def _route(self, scope: Scope) -> tuple[str, str, str | None] | None:
+        """(job, path under the prefix, why it is refused or None) for a trainer path."""
+        m = _TRAINER_PREFIX.match(scope["path"])
+        g = _GATEWAY_PREFIX.match(scope["path"])
+        if m is None and g is None:
+            return None
+        identity: Identity = scope[IDENTITY_SCOPE_KEY]  # the gate ran first
+        if m is not None:
+            known = self.app.state.ctx.store.job(m.group(1), identity.sees) is not None
+            return m.group(1), m.group(2), None if known else f"unknown job {m.group(1)!r}"
+        assert g is not None
+        account, job_id, rest = g.groups()
+        return job_id, rest, self._gateway_refusal(identity, account, job_id)
+
+    def _gateway_refusal(self, identity: Identity, account: str, job_id: str) -> str | None:
+        """Why a Fireworks trainer endpoint does not serve (a stopped trainer has none,
+        so its healthz is not 200 either); None: it serves."""
+        tenant = account_scope(identity, account)
+        job = None if tenant is None else self.app.state.ctx.store.job(job_id, tenant)
+        if job is None or job["kind"] != "trainer":
+            return f"unknown rlorTrainerJob {shown(job_id)}"
+        if job["state"] != "running":
+            return f"rlorTrainerJob {job_id} is {job['state']}, not running"
+        return None
 
 
 class AnsweredOnce:

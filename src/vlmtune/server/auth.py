@@ -1,7 +1,8 @@
 """API keys and the two gates every request passes before any handler runs.
 
 A key looks like ``tml-<kid>_<secret>`` (the ``tinker`` client refuses keys without the
-``tml-`` prefix). Only ``kid`` (a public id, used to find the row) and an HMAC-SHA256
+``tml-`` prefix); ``fw_<kid>_<secret>`` is the same key spelled as the Fireworks client
+expects (it refuses ``tml-`` keys on some paths), accepted wherever the other is. Only ``kid`` (a public id, used to find the row) and an HMAC-SHA256
 of the whole key under a per-key random salt are stored; verification recomputes the
 HMAC and compares with ``hmac.compare_digest`` so timing does not leak the digest.
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from starlette.datastructures import State
 
 KEY_PREFIX = "tml-"
+FIREWORKS_PREFIX = "fw_"  # the same key, spelled for the Fireworks training client
 # Paths that answer without a key (load balancers and clients probe them).
 PUBLIC_PATHS = frozenset({"/healthz", "/api/v1/healthz", "/v1/health"})
 DEFAULT_TENANT = "default"
@@ -72,8 +74,21 @@ def _digest(salt: bytes, key: str) -> bytes:
     return hmac.new(salt, key.encode(), hashlib.sha256).digest()
 
 
+def canonical_key(key: str) -> str:
+    """``key`` in its ``tml-`` spelling (the one whose HMAC is stored)."""
+    if key.startswith(FIREWORKS_PREFIX):
+        return KEY_PREFIX + key[len(FIREWORKS_PREFIX) :]
+    return key
+
+
+def fireworks_spelling(key: str) -> str:
+    """``tml-<kid>_<secret>`` as ``fw_<kid>_<secret>`` (one key, two spellings)."""
+    return FIREWORKS_PREFIX + canonical_key(key).removeprefix(KEY_PREFIX)
+
+
 def _split(key: str) -> str | None:
     """The key's public id, or None if it is not shaped like one of ours."""
+    key = canonical_key(key)
     if not key.startswith(KEY_PREFIX) or "_" not in key:
         return None
     kid = key[len(KEY_PREFIX) :].split("_", 1)[0]
@@ -99,7 +114,7 @@ def hashed_line(key: str, tenant: str = DEFAULT_TENANT, operator: bool = False) 
     if kid is None:
         raise ValueError(f"not a vlmtune API key (expected {KEY_PREFIX}<id>_<secret>)")
     salt = secrets.token_bytes(16)
-    line = f"{kid}:{salt.hex()}:{_digest(salt, key).hex()}"
+    line = f"{kid}:{salt.hex()}:{_digest(salt, canonical_key(key)).hex()}"
     if operator:
         return f"{line}:{OPERATOR_FIELD}"
     return line if tenant == DEFAULT_TENANT else f"{line}:{check_tenant(tenant)}"
@@ -137,6 +152,7 @@ class KeyChecker:
 
     def _add_file_line(self, line: str) -> None:
         field, _, rest = line.partition(":")
+        line, rest = canonical_key(line), canonical_key(rest)
         if line.startswith(KEY_PREFIX) or rest.startswith(KEY_PREFIX):
             tenant, key = (None, line) if line.startswith(KEY_PREFIX) else (field, rest)
             kid = _split(key)
@@ -159,6 +175,7 @@ class KeyChecker:
         """The identity of a valid key; None for a missing, malformed, wrong or revoked one."""
         if not key:
             return None
+        key = canonical_key(key)
         kid = _split(key)
         if kid is None:
             return None

@@ -15,12 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from vlmtune.engine.engine import TrainingEngine
-from vlmtune.protocol.errors import BadRequest, NotFound
+from vlmtune.protocol.errors import BadRequest, NotFound, shown
 from vlmtune.server.inference import load_inference_engine
 from vlmtune.server.run_config import engine_config
 from vlmtune.server.store import Store
 
 MODEL_ID_RE = re.compile(r"^[a-z0-9-]{1,63}$")
+# A hosted service's model resource name: accounts/<account>/models/<id>; the account
+# is a tenant, or the service's own for base models.
+HOSTED_MODEL_RE = re.compile(r"accounts/([^/]+)/models/([^/]+)")
+HOSTED_BASE_ACCOUNT = "fireworks"
 _AVAILABLE: tuple[float, list[tuple[str, int | None]]] = (0.0, [])
 
 
@@ -88,8 +92,19 @@ def resolve(
     store: Store, model: str, tenant: str | None = None
 ) -> tuple[str, Callable[[], TrainingEngine]]:
     """(pool key, loader) for a promoted model id that ``tenant`` (None: any) owns, or a
-    base model name."""
-    row = store.model(model, tenant)
+    base model name.
+
+    A hosted service's name for a promoted model, ``accounts/<tenant>/models/<id>``, is
+    that model when the tenant owns it; ``accounts/fireworks/models/...`` names a base
+    model (the registry maps it).
+    """
+    m = HOSTED_MODEL_RE.fullmatch(model)
+    if m is not None and m.group(1) != HOSTED_BASE_ACCOUNT:
+        row = store.model(m.group(2), tenant)
+        if row is None or row["tenant"] != m.group(1):
+            raise NotFound(f"model {shown(model)} does not exist (GET /v1/models lists them)")
+    else:
+        row = store.model(model, tenant)
     if row is not None:
         return row["path"], lambda: load_inference_engine(row["path"], row["base_model"] or None)
     try:

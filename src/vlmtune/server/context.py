@@ -37,6 +37,8 @@ class ServerConfig:
     allowed_data_roots: tuple[Path, ...] = ()
     poll_timeout_s: float = 20.0  # how long retrieve_future holds a request open
     gap_timeout_s: float = 10.0  # how long a run waits for a missing seq_id
+    # --model-alias: a client's model name (lower-cased) -> the model served for it.
+    model_aliases: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -70,6 +72,14 @@ def tenant_of(request: Request) -> str | None:
     """The tenant whose objects the request may reach; None: every tenant's (an operator).
     Lookups take it and answer as for an unknown id when another tenant owns the object."""
     return caller(request).sees
+
+
+def model_name(request: Request, name: str) -> str:
+    """The model a client's name means on this server (``--model-alias``), applied once
+    where a name comes in, so everything stored names the model actually served."""
+    from vlmtune.models.registry import aliased
+
+    return aliased(name, ctx(request).config.model_aliases)
 
 
 async def body_of(request: Request, model: type[M]) -> M:

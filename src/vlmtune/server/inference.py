@@ -180,6 +180,14 @@ class ModelPool:
         with self._lock:
             return [k for k, s in self._slots.items() if s.engine is not None]
 
+    def drop(self, key: str) -> None:
+        """Let go of ``key``'s engine (calls already queued on it still run); the next
+        call for ``key`` loads it again. A deployment does this when its weights change."""
+        with self._lock:
+            slot = self._slots.pop(key, None)
+        if slot is not None:
+            slot.retire()
+
     def close(self) -> None:
         with self._lock:
             slots = list(self._slots.values())

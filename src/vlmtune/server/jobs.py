@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmtune.config import dump_toml
+from vlmtune.models.registry import same_model
 from vlmtune.protocol.errors import BadRequest, NotFound
 from vlmtune.protocol.paths import checkpoint_name, is_tinker_path
 from vlmtune.server import catalog
@@ -55,6 +56,10 @@ PROFILES: dict[str, dict[str, Any]] = {
         "precision": "auto",
     }
 }
+
+
+class JobExists(BadRequest):
+    """A client-chosen job id that is taken (the control plane answers 409)."""
 
 
 def resolve_profile(shape_id: str) -> dict[str, Any]:
@@ -126,7 +131,18 @@ class JobRunner:
         return self.get(job_id)
 
     # ---- trainer jobs -------------------------------------------------------------------
-    def create_trainer(self, cfg: dict[str, Any], tenant: str = "default") -> dict[str, Any]:
+    def create_trainer(
+        self,
+        cfg: dict[str, Any],
+        tenant: str = "default",
+        job_id: str | None = None,
+        profile: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """A running trainer endpoint. ``job_id``: the client's choice (taken: ``JobExists``,
+        whoever owns it: ids are one namespace); ``profile``: a training shape the caller
+        resolved (else ``cfg['training_shape_ref']`` names one of ``PROFILES``).
+        ``cfg['forward_only']`` marks a reference trainer; ``cfg['requested_base_model']``
+        keeps the name the client sent when an alias or mapping changed it."""
         base, rank = cfg.get("base_model"), cfg.get("lora_rank", 16)
         if not isinstance(base, str) or not isinstance(rank, int) or rank < 0:
             raise BadRequest("trainer job needs base_model (str) and lora_rank (int >= 0)")
@@ -134,12 +150,17 @@ class JobRunner:
         lr, gas = cfg.get("learning_rate", 1e-4), cfg.get("gradient_accumulation_steps", 1)
         if not isinstance(lr, int | float) or lr <= 0 or not isinstance(gas, int) or gas < 1:
             raise BadRequest("learning_rate must be > 0 and gradient_accumulation_steps >= 1")
-        profile = resolve_profile(cfg.get("training_shape_ref") or "default")
+        profile = profile or resolve_profile(cfg.get("training_shape_ref") or "default")
         name = str(cfg.get("display_name") or f"{base.split('/')[-1]}-r{rank}")[:200]
         config = {"base_model": base, "lora_rank": rank, "learning_rate": float(lr),
                   "gradient_accumulation_steps": gas, "display_name": name,
-                  "training_shape_ref": cfg.get("training_shape_ref"), "profile": profile}  # fmt: skip
-        return self._new("trainer", name, "running", config, tenant)
+                  "training_shape_ref": cfg.get("training_shape_ref"), "profile": profile,
+                  "forward_only": bool(cfg.get("forward_only")),
+                  "requested_base_model": cfg.get("requested_base_model") or base}  # fmt: skip
+        with self._lock:  # check and insert as one: two creates with one id make one job
+            if job_id is not None and self.store.job(job_id) is not None:
+                raise JobExists(f"job {job_id!r} already exists")
+            return self._new("trainer", name, "running", config, tenant, job_id)
 
     def check_trainer_run(
         self, job_id: str, base_model: str, rank: int, tenant: str | None = None
@@ -148,7 +169,7 @@ class JobRunner:
         if job["kind"] != "trainer" or job["state"] != "running":
             raise NotFound(f"trainer job {job_id} is not running (state {job['state']})")
         cfg = job["config"]
-        if base_model != cfg["base_model"] or rank != cfg["lora_rank"]:
+        if not same_model(base_model, cfg["base_model"]) or rank != cfg["lora_rank"]:
             raise BadRequest(
                 f"trainer job {job_id} trains {cfg['base_model']} with lora_rank "
                 f"{cfg['lora_rank']}; this request asks for {base_model} with rank {rank}"
@@ -305,8 +326,8 @@ class JobRunner:
 
     def cancel(self, job_id: str, tenant: str | None = None) -> dict[str, Any]:
         job = self.get(job_id, tenant)
-        if job["kind"] == "trainer":
-            raise BadRequest("a trainer job is stopped with delete")
+        if job["kind"] == "trainer":  # a deleted one stays deleted
+            return job if job["state"] == "deleted" else self._retire(job, "cancelled")
         with self._lock:
             proc = self.procs.get(job_id)
             if proc is not None:
@@ -321,6 +342,13 @@ class JobRunner:
 
     def resume(self, job_id: str, tenant: str | None = None) -> dict[str, Any]:
         job = self.get(job_id, tenant)
+        if job["kind"] == "trainer" and job["state"] in ("running", "cancelled"):
+            # A stopped endpoint serves again; its old runs stay unloaded (a client makes
+            # new ones, or loads their checkpoints).
+            if job["state"] == "cancelled":
+                self._set(job_id, "running")
+                self.store.add_event(job_id, "running", "resumed")
+            return self.get(job_id)
         if job["kind"] != "toml" or job["state"] not in ("failed", "cancelled", "interrupted"):
             raise BadRequest(
                 f"only a failed, cancelled or interrupted TOML job resumes (state {job['state']})"
@@ -341,13 +369,17 @@ class JobRunner:
         job = self.get(job_id, tenant)
         if job_id in self.procs:
             self.cancel(job_id)
-        for run_id in self.store.job_run_ids(job_id):
+        return self._retire(job, "deleted")
+
+    def _retire(self, job: dict[str, Any], state: str) -> dict[str, Any]:
+        """Unload the job's runs (their memory is freed now) and mark it ``state``."""
+        for run_id in self.store.job_run_ids(job["id"]):
             self.runs.unload(run_id)
         # Its runs stop serving; their checkpoints (and models promoted from them) stay.
-        self.store.delete_job_runs(job_id)
-        self._set(job_id, "deleted")
-        self.store.add_event(job_id, "deleted", "deleted")
-        return {**job, "state": "deleted"}
+        self.store.delete_job_runs(job["id"])
+        self._set(job["id"], state)
+        self.store.add_event(job["id"], state, state)
+        return self.get(job["id"])
 
     # ---- models -------------------------------------------------------------------------
     def promote(

@@ -22,10 +22,12 @@ from typing import Any
 
 import torch
 
+from vlmtune.engine import losses
 from vlmtune.engine.engine import EngineConfig, TrainingEngine
 from vlmtune.protocol.errors import BadRequest, NotFound
-from vlmtune.protocol.paths import is_tinker_path, parse_tinker_path, tinker_path
+from vlmtune.protocol.paths import tinker_path
 from vlmtune.server.inference import forward_all_positions
+from vlmtune.server.run_checkpoints import find_checkpoint
 from vlmtune.server.run_config import check_compatible, check_name, engine_config, model_pixels
 from vlmtune.server.store import Store
 from vlmtune.server.validate import InputValidator
@@ -35,6 +37,19 @@ from vlmtune.types import AdamParams, Datum, ForwardBackwardOutput
 OPTIM_STEP_METRIC = "vlmtune/step"  # optim_step's metric: the run's optimizer steps so far
 SEEN_PER_RUN = 4096  # seq_ids remembered per run for answering retries
 Task = Callable[[], Any]  # what a run's worker runs
+# A run id's middle segment: a trainable run, or a frozen reference (create_model with
+# base_only, or any run of a forward-only trainer job). In the id so that it survives a
+# restart with the run.
+TRAIN_SEGMENT, REFERENCE_SEGMENT = "train", "reference"
+
+
+def run_id_for(session_id: str, model_seq_id: int, base_only: bool = False) -> str:
+    segment = REFERENCE_SEGMENT if base_only else TRAIN_SEGMENT
+    return f"{session_id}:{segment}:{model_seq_id}"
+
+
+def is_reference_id(run_id: str) -> bool:
+    return f":{REFERENCE_SEGMENT}:" in run_id
 
 
 @dataclass
@@ -52,10 +67,37 @@ class Run:
     )
     seen: OrderedDict[int, str] = field(default_factory=OrderedDict)  # seq_id -> request_id
     tenant: str = "default"  # who owns the run (and its checkpoints, futures, samplers)
+    # Positions with a non-zero loss input, and data with any, since the last optim_step:
+    # what ``grad_accumulation_normalization`` divides the gradients by.
+    loss_tokens: int = 0
+    loss_sequences: int = 0
 
     @property
     def is_lora(self) -> bool:
         return self.config.mode != "full"
+
+    @property
+    def base_only(self) -> bool:
+        """A frozen reference: forward passes only, nothing trains (its engine is built as
+        any other, so that it can load a saved state; with no backward pass it never
+        holds gradients)."""
+        return is_reference_id(self.id)
+
+    def check_trains(self, op: str) -> None:
+        if self.base_only:
+            job = f" of trainer job {self.job_id}" if self.job_id else ""
+            raise BadRequest(
+                f"{op}: model {self.id}{job} is a frozen reference model (create_model with "
+                "base_only=true, or a forward-only trainer job): it serves forward only"
+            )
+
+
+def loss_counts(datums: list[Datum], loss_fn: str) -> tuple[int, int]:
+    """(positions whose loss input is non-zero, data with any): the gradient's support,
+    as ``grad_accumulation_normalization`` counts it."""
+    key = losses.loss_spec(loss_fn).positions
+    per_datum = [sum(1 for v in d.loss_fn_inputs[key].data if v != 0) for d in datums]
+    return sum(per_datum), sum(1 for k in per_datum if k)
 
 
 class RunManager:
@@ -200,28 +242,49 @@ class RunManager:
     def forward_backward(
         self, run: Run, datums: list[Datum], loss_fn: str, config: dict, forward_only: bool
     ) -> Task:
+        if not forward_only:
+            run.check_trains("forward_backward")
+        tokens, sequences = loss_counts(datums, loss_fn)
+
         def task() -> ForwardBackwardOutput:
             engine = self.engine(run)
             if forward_only:
                 return forward_all_positions(engine, datums, loss_fn, config)
             saved = [None if p.grad is None else p.grad.clone() for p in engine.trainable_params]
             try:
-                return engine.forward_backward(datums, loss_fn, config)
+                out = engine.forward_backward(datums, loss_fn, config)
             except BaseException:
                 # Put back exactly the gradients accumulated before this call.
                 for p, g in zip(engine.trainable_params, saved, strict=True):
                     p.grad = g
                 raise
+            run.loss_tokens += tokens
+            run.loss_sequences += sequences
+            return out
 
         return task
 
     def forward_reference(self, run: Run, datums: list[Datum], loss_fn: str, config: dict) -> Task:
         """``forward`` under the base model (vlmtune's extension; the in-process values)."""
+        if run.base_only:  # the run is the base model: no second copy
+            return lambda: self.engine(run).forward(datums, loss_fn, config)
         return lambda: self.engine(run).reference_forward(datums, loss_fn, config)
 
-    def optim_step(self, run: Run, params: AdamParams) -> Task:
+    def optim_step(self, run: Run, params: AdamParams, normalization: str | None = None) -> Task:
+        """``normalization``: ``num_loss_tokens`` or ``num_sequences`` divides the
+        accumulated gradients by that count (since the last step) before clipping and the
+        step, so a loss summed over tokens or data becomes their mean."""
+        run.check_trains("optim_step")
+
         def task() -> dict[str, Any]:
             engine = self.engine(run)
+            divisor = {"num_loss_tokens": run.loss_tokens, "num_sequences": run.loss_sequences}
+            count = divisor.get(normalization or "none", 0)
+            if count > 1:
+                for p in engine.trainable_params:
+                    if p.grad is not None:
+                        p.grad.div_(count)
+            run.loss_tokens = run.loss_sequences = 0
             out = engine.optim_step(params)
             run.version += 1
             self.store.touch_run(run.id, engine.step)
@@ -272,7 +335,12 @@ class RunManager:
 
         return task
 
-    def save_for_sampler(self, run: Run, name: str, checkpoint_type: str) -> Task:
+    def save_for_sampler(
+        self, run: Run, name: str, checkpoint_type: str, meta: dict | None = None
+    ) -> Task:
+        """Write ``name`` as ``checkpoint_type``: ``base``, the adapter or full model as
+        the run trains, or ``merged``, a LoRA folded into its base (``SaveSamplerBody``
+        maps the clients' other names onto these)."""
         check_name(name)
         path = run.dir / "sampler_weights" / name
 
@@ -294,6 +362,7 @@ class RunManager:
                 str(path),
                 checkpoint_type=checkpoint_type,
                 step=engine.step,
+                user_metadata=meta,
             )
             return {
                 "type": "save_weights_for_sampler",
@@ -305,24 +374,19 @@ class RunManager:
 
     # ---- checkpoints ----------------------------------------------------------------
     def resolve_checkpoint(
-        self, ref: str, run: Run | None = None, kind: str = "training", tenant: str | None = None
+        self,
+        ref: str,
+        run: Run | None = None,
+        kind: str = "training",
+        tenant: str | None = None,
+        job_id: str | None = None,
     ) -> dict:
-        """A checkpoint row from ``tinker://run/weights/name``, a bare name, or a path ending
-        in one; a checkpoint of a run that ``tenant`` (None: any) does not own is unknown."""
-        if is_tinker_path(ref):
-            run_id, kind, name = parse_tinker_path(ref)
-        elif run is not None:
-            run_id, name = run.id, Path(ref).name
-        else:
-            raise BadRequest(
-                f"checkpoint {ref!r}: expected tinker://<run>/<weights|sampler_weights>/<name>"
-            )
-        row = self.store.checkpoint(run_id, kind, name)
-        if row is not None and tenant is not None:
-            row = row if self.store.run(run_id, include_deleted=True, tenant=tenant) else None
-        if row is None or not Path(row["path"]).exists():
-            raise NotFound(f"no {kind} checkpoint {name!r} in run {run_id!r}")
-        return row
+        """The checkpoint ``ref`` names (``run_checkpoints.find_checkpoint``), seen from
+        ``run`` and its trainer job (or ``job_id``) by ``tenant`` (None: any)."""
+        job_id = job_id or (run.job_id if run is not None else None)
+        return find_checkpoint(
+            self.store, ref, run.id if run is not None else None, job_id, kind, tenant
+        )
 
     def close(self) -> None:
         with self._lock:

@@ -13,11 +13,13 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from vlmtune.engine.engine import EngineConfig, TrainingEngine
 from vlmtune.protocol.errors import BadRequest, NotFound
 from vlmtune.server.inference import ModelPool, load_inference_engine, sample
 from vlmtune.server.run_config import engine_config
@@ -113,8 +115,19 @@ class SamplerManager:
 
     def validator(self, sampler: Sampler) -> InputValidator:
         if sampler.run_id is not None:
-            return self.runs.validator(self.runs.get(sampler.run_id).config)
+            # The run's stored config: a checkpoint outlives its run (a deleted trainer
+            # job's checkpoints still serve), and the config says its pixel limits.
+            row = self.store.run(sampler.run_id, include_deleted=True)
+            if row is None:
+                raise NotFound(f"unknown training run {sampler.run_id!r}")
+            return self.runs.validator(EngineConfig(**row["config"]))
         return self.runs.validator(engine_config(sampler.base_model, 0, None))
+
+    def pool_engine(self, sampler: Sampler) -> tuple[str, Callable[[], TrainingEngine]]:
+        """(``ModelPool`` key, loader) of a ``path`` or ``base`` session's engine; a
+        deployment's hot-loaded checkpoint is served by the same engine."""
+        key = sampler.path or sampler.base_model
+        return key, lambda: load_inference_engine(key, sampler.base_model)
 
     def sample(
         self,
@@ -126,10 +139,10 @@ class SamplerManager:
         last_n: int | None,
     ) -> concurrent.futures.Future:
         if sampler.kind in ("path", "base"):
-            key = sampler.path or sampler.base_model
+            key, loader = self.pool_engine(sampler)
             return self.pool.run(
                 key,
-                lambda: load_inference_engine(key, sampler.base_model),
+                loader,
                 lambda e: sample(e, prompt, n, params, lps, last_n),
             )
         run = self.runs.get(sampler.run_id or "")

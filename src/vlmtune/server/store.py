@@ -2,8 +2,8 @@
 
 One file (``<data-dir>/server.db``) holds API keys (hashed), sessions, training runs
 (base model, LoRA rank, engine config), their checkpoints (paths under the data
-dir), jobs with their events, promoted models, and uploaded files (their bytes live
-under ``<data-dir>/files/``). Tensors never go in here: they
+dir), jobs with their events, promoted models, uploaded files (their bytes live
+under ``<data-dir>/files/``) and deployments with what each has hot-loaded. Tensors never go in here: they
 live in checkpoint directories, and the rows point at them.
 
 This is the only module that writes SQL: the rest of the server asks named questions
@@ -57,6 +57,11 @@ CREATE TABLE IF NOT EXISTS files (
     id TEXT PRIMARY KEY, filename TEXT NOT NULL, purpose TEXT NOT NULL,
     bytes INTEGER NOT NULL, sha256 TEXT NOT NULL, path TEXT NOT NULL, created REAL NOT NULL,
     tenant TEXT NOT NULL DEFAULT 'default');
+CREATE TABLE IF NOT EXISTS deployments (
+    tenant TEXT NOT NULL, id TEXT NOT NULL, base_model TEXT NOT NULL, config TEXT NOT NULL,
+    generation INTEGER NOT NULL DEFAULT 0, loaded_identity TEXT, loaded_run TEXT,
+    loaded_path TEXT, load_target TEXT, load_error TEXT, created REAL NOT NULL,
+    updated REAL NOT NULL, PRIMARY KEY (tenant, id));
 """
 
 # Columns added after the first release: ``CREATE TABLE IF NOT EXISTS`` leaves an existing
@@ -73,6 +78,12 @@ ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 
 _JSON_COLUMNS = ("config", "meta", "user_metadata", "data", "source")
+# What a deployment's owner may change (``update_deployment``): tenant, id, base model and
+# created never change.
+_DEPLOYMENT_COLUMNS = frozenset(
+    {"config", "generation", "loaded_identity", "loaded_run", "loaded_path", "load_target",
+     "load_error", "updated"}
+)  # fmt: skip
 # What a job's owner may change (``update_job``); id, kind and created never change.
 _JOB_COLUMNS = frozenset(
     {"name", "state", "config", "run_dir", "model_id", "error", "exit_code", "updated"}
@@ -429,6 +440,39 @@ class Store:
 
     def delete_file(self, file_id: str) -> bool:
         return bool(self._execute("DELETE FROM files WHERE id = ?", (file_id,)))
+
+    # ---- deployments (``server/deployments.py``): keyed by tenant, as account ids are ------
+    def add_deployment(
+        self, tenant: str, deployment_id: str, base_model: str, config: dict[str, Any]
+    ) -> bool:
+        """A new deployment; False if ``tenant`` already has one of that id."""
+        now = time.time()
+        try:
+            self._insert(
+                "deployments", tenant=tenant, id=deployment_id, base_model=base_model,
+                config=config, created=now, updated=now,
+            )  # fmt: skip
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    def deployment(self, tenant: str, deployment_id: str) -> dict[str, Any] | None:
+        return self._one(
+            "SELECT * FROM deployments WHERE tenant = ? AND id = ?", (tenant, deployment_id)
+        )
+
+    def update_deployment(self, tenant: str, deployment_id: str, **values: Any) -> None:
+        unknown = set(values) - _DEPLOYMENT_COLUMNS
+        if unknown:
+            raise ValueError(f"deployments has no columns {sorted(unknown)}")
+        self._update("deployments", {"tenant": tenant, "id": deployment_id}, **values)
+
+    def delete_deployment(self, tenant: str, deployment_id: str) -> bool:
+        return bool(
+            self._execute(
+                "DELETE FROM deployments WHERE tenant = ? AND id = ?", (tenant, deployment_id)
+            )
+        )
 
     # ---- job events -----------------------------------------------------------------
     def add_event(

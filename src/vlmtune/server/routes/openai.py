@@ -24,7 +24,7 @@ from vlmtune.protocol.errors import BadRequest
 from vlmtune.protocol.wire import WireModel
 from vlmtune.server import catalog
 from vlmtune.server.chat import generate, parse_messages
-from vlmtune.server.context import SafeJSON, body_of, ctx, tenant_of
+from vlmtune.server.context import SafeJSON, body_of, ctx, model_name, tenant_of
 from vlmtune.server.openapi import json_body
 from vlmtune.types import SamplingParams
 
@@ -65,7 +65,8 @@ async def chat_completions(request: Request) -> SafeJSON | StreamingResponse:
     empty = c.config.data_dir / "empty"
     empty.mkdir(exist_ok=True)
     messages = await run_in_threadpool(parse_messages, body.messages, empty)
-    key, loader = await run_in_threadpool(catalog.resolve, c.store, body.model, tenant_of(request))
+    model = model_name(request, body.model)  # --model-alias
+    key, loader = await run_in_threadpool(catalog.resolve, c.store, model, tenant_of(request))
     params = SamplingParams(
         max_tokens=body.max_completion_tokens or body.max_tokens or 256,
         temperature=body.temperature,

@@ -29,7 +29,15 @@ from vlmtune.protocol.errors import BadRequest, NotFound, shown
 from vlmtune.protocol.paths import checkpoint_id, tinker_path
 from vlmtune.protocol.wire import INT64_MAX, WireModel
 from vlmtune.server.catalog import available_base_models
-from vlmtune.server.context import SafeJSON, ServerContext, body_of, caller, ctx, tenant_of
+from vlmtune.server.context import (
+    SafeJSON,
+    ServerContext,
+    body_of,
+    caller,
+    ctx,
+    model_name,
+    tenant_of,
+)
 from vlmtune.server.openapi import json_body
 from vlmtune.server.run_config import engine_config
 
@@ -132,7 +140,11 @@ async def create_sampling_session(request: Request) -> SafeJSON:
     body = await body_of(request, SamplingSessionBody)
     who = caller(request)
     sampler = await run_in_threadpool(
-        c.samplers.create, body.model_path, body.base_model, who.tenant, who.sees
+        c.samplers.create,
+        body.model_path,
+        body.base_model and model_name(request, body.base_model),
+        who.tenant,
+        who.sees,
     )
     validator = await run_in_threadpool(c.samplers.validator, sampler)
     configured = (
@@ -254,7 +266,8 @@ async def image_token_count(request: Request) -> SafeJSON:
         overrides = {
             k: v for k, v in (("min_pixels", body.min_pixels), ("max_pixels", body.max_pixels)) if v
         }
-        config = await run_in_threadpool(engine_config, body.base_model, 0, overrides)
+        base = model_name(request, body.base_model)
+        config = await run_in_threadpool(engine_config, base, 0, overrides)
     else:
         raise BadRequest("give model_id (a training run) or base_model")
     validator = await run_in_threadpool(c.runs.validator, config)

@@ -15,8 +15,9 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Callable
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
@@ -39,15 +40,25 @@ from vlmtune.protocol.proto import (
     encode_sample_response,
 )
 from vlmtune.protocol.wire import forward_backward_json, parse_body, sample_json, tinker_metrics
-from vlmtune.server.context import SafeJSON, ServerContext, body_of, caller, ctx, tenant_of
+from vlmtune.server.context import (
+    SafeJSON,
+    ServerContext,
+    body_of,
+    caller,
+    ctx,
+    model_name,
+    tenant_of,
+)
 from vlmtune.server.openapi import json_body
+from vlmtune.server.run_checkpoints import checkpoint_names
 from vlmtune.server.run_config import model_pixels
-from vlmtune.server.runs import Run, Task
+from vlmtune.server.runs import Run, Task, run_id_for
 from vlmtune.types import ForwardBackwardOutput, SampleResponse, lora_rank_of
 
 log = logging.getLogger("vlmtune.server")
 router = APIRouter()
 PROTO = "application/x-protobuf"
+MAX_ID_CHARS = 512  # a model id: a session id and a sequence number
 
 
 async def _queued(
@@ -68,17 +79,30 @@ async def create_model(request: Request) -> SafeJSON:
         raise NotFound(
             f"unknown session {shown(body.session_id)} (POST /api/v1/create_session first)"
         )
-    rank = body.lora_config.rank if body.lora_config else 0
+    lora = body.lora_config
+    if body.base_only and lora is not None and lora.rank > 0:
+        raise BadRequest(
+            "create_model: base_only=true is the frozen base model; send no lora_config"
+        )
+    rank = lora.rank if lora and not body.base_only else 0
     overrides = dict(body.engine or {})
-    if body.lora_config and body.lora_config.seed is not None:
-        overrides.setdefault("seed", body.lora_config.seed)
+    for key, value in (("seed", lora and lora.seed), ("lora_alpha", lora and lora.alpha)):
+        if value is not None:
+            overrides.setdefault(key, value)
+    base = model_name(request, body.base_model)  # --model-alias
     job_id = request.scope.get("vlmtune.trainer_job")
+    base_only = body.base_only
     if job_id is not None:
-        c.jobs.check_trainer_run(job_id, body.base_model, rank, tenant_of(request))
-    run_id = f"{body.session_id}:train:{body.model_seq_id}"
+        job = c.jobs.get(job_id, tenant_of(request))
+        # Every model of a forward-only job is a reference; a base_only one may sit in a
+        # LoRA job (the DPO reference of a LoRA policy), whatever the job's rank.
+        base_only = base_only or bool(job["config"].get("forward_only"))
+        checked_rank = job["config"].get("lora_rank", rank) if base_only else rank
+        c.jobs.check_trainer_run(job_id, base, checked_rank, tenant_of(request))
+    run_id = run_id_for(body.session_id, body.model_seq_id, base_only)
     run = await run_in_threadpool(
         lambda: c.runs.create(
-            run_id, body.base_model, rank, overrides, session_id=body.session_id,
+            run_id, base, rank, overrides, session_id=body.session_id,
             job_id=job_id, user_metadata=body.user_metadata, tenant=session["tenant"],
         )
     )  # fmt: skip
@@ -176,8 +200,9 @@ async def optim_step(request: Request) -> SafeJSON:
     body = await body_of(request, OptimStepBody)
     run = c.runs.get(body.model_id, tenant_of(request))
     return await _queued(
-        c, run, body.seq_id, "optim_step", lambda: c.runs.optim_step(run, body.params())
-    )
+        c, run, body.seq_id, "optim_step",
+        lambda: c.runs.optim_step(run, body.params(), body.grad_accumulation_normalization),
+    )  # fmt: skip
 
 
 @router.post("/api/v1/save_weights", openapi_extra=json_body(SaveWeightsBody))
@@ -198,7 +223,8 @@ async def load_weights(request: Request) -> SafeJSON:
     body = await body_of(request, LoadWeightsBody)
     sees = tenant_of(request)
     if body.model_id is None:  # create a run from a checkpoint (create_training_client_from_state)
-        run = await run_in_threadpool(_run_from_state, c, body, sees)
+        job_id = request.scope.get("vlmtune.trainer_job")
+        run = await run_in_threadpool(_run_from_state, c, body, sees, job_id)
         seq = None
     else:
         run, seq = c.runs.get(body.model_id, sees), body.seq_id
@@ -208,9 +234,11 @@ async def load_weights(request: Request) -> SafeJSON:
     )  # fmt: skip
 
 
-def _run_from_state(c: ServerContext, body: LoadWeightsBody, sees: str | None) -> Run:
+def _run_from_state(
+    c: ServerContext, body: LoadWeightsBody, sees: str | None, job_id: str | None
+) -> Run:
     """A new run, in the session's tenant, configured as the one that saved ``body.path``
-    (both visible to ``sees``, None: any tenant)."""
+    (both visible to ``sees``, None: any tenant; a bare name is looked up in ``job_id``)."""
     if body.session_id is None or body.model_seq_id is None:
         raise BadRequest("load_weights needs model_id, or session_id and model_seq_id")
     session = c.store.session(body.session_id, sees)
@@ -218,7 +246,7 @@ def _run_from_state(c: ServerContext, body: LoadWeightsBody, sees: str | None) -
         raise NotFound(
             f"unknown session {shown(body.session_id)} (POST /api/v1/create_session first)"
         )
-    row = c.runs.resolve_checkpoint(body.path, None, "training", sees)
+    row = c.runs.resolve_checkpoint(body.path, None, "training", sees, job_id)
     src = c.runs.get(row["run_id"])
     if body.base_model and body.base_model != src.config.base_model:
         raise BadRequest(f"checkpoint is for {src.config.base_model}, not {shown(body.base_model)}")
@@ -227,7 +255,9 @@ def _run_from_state(c: ServerContext, body: LoadWeightsBody, sees: str | None) -
         for k in ("lora_alpha", "target_modules", "min_pixels", "max_pixels")
     }
     rank = lora_rank_of(src.config.mode, src.config.lora_rank)
-    run_id = f"{body.session_id}:train:{body.model_seq_id}"
+    # Under a forward-only job, a run from a checkpoint is a frozen reference too.
+    frozen = job_id is not None and bool(c.jobs.get(job_id, sees)["config"].get("forward_only"))
+    run_id = run_id_for(body.session_id, body.model_seq_id, frozen)
     return c.runs.create(run_id, src.config.base_model, rank, overrides,
                          session_id=body.session_id, job_id=src.job_id,
                          tenant=session["tenant"])  # fmt: skip
@@ -242,9 +272,34 @@ async def save_weights_for_sampler(request: Request) -> SafeJSON:
     def prepare() -> Task:
         if body.path is None:  # a sampling session over the run's weights, nothing on disk
             return c.samplers.from_run(run, body.kind)
-        return c.runs.save_for_sampler(run, body.path, body.checkpoint_type)
+        meta = body.metadata or body.user_metadata
+        return c.runs.save_for_sampler(run, body.path, body.saving_mode(), meta)
 
     return await _queued(c, run, body.seq_id, "save_weights_for_sampler", prepare)
+
+
+@router.get("/api/v1/list_checkpoints")
+async def list_checkpoints(
+    request: Request,
+    model_id: Annotated[str | None, Query(max_length=MAX_ID_CHARS)] = None,
+) -> SafeJSON:
+    """The names of the resumable states (``save_weights``) of a trainer job's runs, oldest
+    first (the Fireworks clients' resume probe): under ``/trainer/<job>``, the job's; with
+    ``model_id``, that run's job's (or the run's own, outside a job)."""
+    c = ctx(request)
+    job_id = request.scope.get("vlmtune.trainer_job")
+    if job_id is None and model_id is not None:
+        run = c.runs.get(model_id, tenant_of(request))
+        job_id = run.job_id
+        if job_id is None:
+            return SafeJSON({"checkpoints": checkpoint_names(c.store, [run.id])})
+    if job_id is None:
+        raise BadRequest(
+            "list_checkpoints lists a trainer job's checkpoints: call it under "
+            "/trainer/<job_id>/api/v1/ (or pass ?model_id=<a run's model id>)"
+        )
+    names = await run_in_threadpool(checkpoint_names, c.store, c.store.job_run_ids(job_id))
+    return SafeJSON({"checkpoints": names})
 
 
 # ---- sampling ------------------------------------------------------------------------
@@ -258,7 +313,11 @@ async def asample(request: Request) -> SafeJSON:
         sampler = c.samplers.get(body.sampling_session_id, who.sees)
     else:
         sampler = await run_in_threadpool(
-            c.samplers.create, body.model_path, body.base_model, who.tenant, who.sees
+            c.samplers.create,
+            body.model_path,
+            body.base_model and model_name(request, body.base_model),
+            who.tenant,
+            who.sees,
         )
     validator = await run_in_threadpool(c.samplers.validator, sampler)
     prompt = await run_in_threadpool(validator.model_input, body.prompt, "prompt")
