@@ -155,6 +155,14 @@ def load_job(
         raise ConfigError(source, problems)
     job._resolved = [*dialect.changes]
     job._ignored = [str(i) for i in dialect.ignored]
+    # A NUL byte is valid TOML but no path can hold one (the OS refuses it).
+    nul = [
+        f"job.{attr}: contains a NUL byte (\\x00), which no file path can hold"
+        for attr in ("model", "data", "validation_data", "image_root")
+        if "\x00" in (getattr(job.job, attr) or "")
+    ]
+    if nul:
+        raise ConfigError(source, nul)
     base = path.parent
     for attr in ("data", "validation_data", "image_root"):
         value = getattr(job.job, attr)
