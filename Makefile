@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo agent-demo agent-demo-crafter test lint format bench clean
 
 install: $(VENV)/installed
 
@@ -20,6 +20,14 @@ $(VENV)/installed: pyproject.toml
 
 demo: install
 	$(PY) examples/digits/run_demo.py
+
+# collect -> filter -> train -> serve -> collect again, on the built-in lamp task
+agent-demo: install
+	$(PY) examples/agent/run_demo.py
+
+# the same commands on Crafter (the crafter extra is in dev, so `make install` has it)
+agent-demo-crafter: install
+	$(PY) examples/agent/run_crafter.py
 
 # The official Fireworks training client, for the tests that drive it against vlmtune
 # (tests/server/test_fireworks_client.py). It pins pydantic<2.13, below vlmtune's, so it

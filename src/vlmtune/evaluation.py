@@ -51,7 +51,7 @@ def evaluate_exact_match_remote(
     for row in rows:
         prompt_messages, answer = split_prompt_and_answer(row.messages)
         text = remote_chat_completion(
-            server, api_key, model, prompt_messages, max_tokens=max_new_tokens
+            server, api_key, model, prompt_messages, max_tokens=max_new_tokens, tools=row.tools
         )
         predictions.append(_score(row, answer, text))
     return _result(predictions)
@@ -74,7 +74,7 @@ def evaluate_exact_match(
         prompts, answers = [], []
         for row in chunk:
             prompt_messages, answer = split_prompt_and_answer(row.messages)
-            prompts.append(renderer.render_prompt(prompt_messages).model_input)
+            prompts.append(renderer.render_prompt(prompt_messages, row.tools).model_input)
             answers.append(answer)
         responses = sampler.sample_many(prompts, 1, params).result()
         for row, answer, response in zip(chunk, answers, responses, strict=True):

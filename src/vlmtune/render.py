@@ -7,14 +7,21 @@ tokenized in one call, as the HF processor does, so the ids are identical to
 ``processor(text=processor.apply_chat_template(...), images=...)``. Character spans
 carry the weights onto tokens through the tokenizer's offsets.
 
-Weights: prompt 0, image 0, an assistant turn's content and its closing ``<|im_end|>``
-get the turn's weight (so the model learns to stop); the ``<|im_start|>assistant\\n``
-header and the newline after ``<|im_end|>`` get 0.
+Tools (OpenAI function specs) go in the system turn's ``# Tools`` block; an assistant
+turn's calls follow its content as ``<tool_call>`` blocks; consecutive ``tool`` turns
+share one user turn of ``<tool_response>`` blocks (images in them count as user images).
+The strings come from ``vlmtune.tool_calls``.
+
+Weights: prompt 0, image 0, an assistant turn's content, its tool calls and its
+closing ``<|im_end|>`` get the turn's weight (so the model learns to call and to
+stop); the ``<|im_start|>assistant\\n`` header, the newline after ``<|im_end|>`` and
+tool responses get 0.
 """
 
 from __future__ import annotations
 
 import bisect
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -24,6 +31,7 @@ import numpy as np
 from vlmtune.data.errors import RowError
 from vlmtune.data.schema import ImagePart, Message, SFTRow, TextPart
 from vlmtune.models.vision import ImagePreprocessor
+from vlmtune.tool_calls import assistant_text, format_call, tools_system_text
 from vlmtune.types import Datum, EncodedTextChunk, ImageChunk, ModelInput, TensorData
 
 TrainOn = Literal["all_assistant", "last_assistant"]
@@ -58,9 +66,11 @@ def image_format(mime: str) -> str:
 
 
 def split_prompt_and_answer(messages: list[Message]) -> tuple[list[Message], str]:
-    """Split off a trailing assistant turn: (prompt messages, its text). No answer -> ""."""
+    """Split off a trailing assistant turn: (prompt messages, its text as the model
+    writes it, tool calls included). No answer -> ""."""
     if messages and messages[-1].role == "assistant":
-        return list(messages[:-1]), messages[-1].text
+        last = messages[-1]
+        return list(messages[:-1]), assistant_text(last.text, last.tool_calls)
     return list(messages), ""
 
 
@@ -74,7 +84,15 @@ def to_hf_messages(messages: list[Message]) -> list[dict[str, Any]]:
                 content.append({"type": "text", "text": p.text})
             else:
                 content.append({"type": "image"})
-        out.append({"role": m.role, "content": content})
+        hf: dict[str, Any] = {"role": m.role, "content": content}
+        if m.tool_calls:
+            hf["tool_calls"] = [
+                {"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in m.tool_calls
+            ]
+        if m.tool_call_id is not None:
+            hf["tool_call_id"] = m.tool_call_id
+        out.append(hf)
     return out
 
 
@@ -125,7 +143,12 @@ class Renderer:
     # -- layout -------------------------------------------------------------------------
 
     def _layout(
-        self, messages: list[Message], train_on: TrainOn, generation_prompt: bool
+        self,
+        messages: list[Message],
+        train_on: TrainOn,
+        generation_prompt: bool,
+        tools: list[dict[str, Any]] | None = None,
+        prefill: str = "",
     ) -> tuple[list[tuple[str, float]], list[tuple[ImagePart, int]], int]:
         """(text pieces with weights, kept images and their token counts, images dropped).
 
@@ -136,46 +159,68 @@ class Renderer:
             raise ValueError(
                 f"train_on must be 'all_assistant' or 'last_assistant', got {train_on!r}"
             )
-        _check_no_control_tokens(messages)
+        _check_no_control_tokens(messages, tools or [], prefill)
         pieces: list[tuple[str, float]] = []
         images: list[tuple[ImagePart, int]] = []
         dropped = 0
         last_assistant = max(
             (i for i, m in enumerate(messages) if m.role == "assistant"), default=-1
         )
+        # The template reads the system prompt from the first message only.
+        system = messages[0].text if messages and messages[0].role == "system" else None
+        if tools:
+            pieces.append((f"{IM_START}system\n{tools_system_text(system, tools)}{IM_END}\n", 0.0))
+        elif system is not None:
+            pieces.append((f"{IM_START}system\n{system}{IM_END}\n", 0.0))
         for i, m in enumerate(messages):
             if m.role == "system":
                 dropped += len(m.images)  # the template keeps a system turn's text only
-                if i == 0:  # the template ignores a system turn anywhere else
-                    pieces.append((f"{IM_START}system\n{m.text}{IM_END}\n", 0.0))
             elif m.role == "user":
                 pieces.append((f"{IM_START}user\n", 0.0))
-                n_images = 0
-                for p in m.parts:
-                    if isinstance(p, TextPart):
-                        pieces.append((p.text, 0.0))
-                    elif self.max_images_per_message is None or (
-                        n_images < self.max_images_per_message
-                    ):
-                        n_images += 1
-                        images.append((p, self._image_tokens(p, i)))
-                        pieces.append((f"{VISION_START}{IMAGE_PAD}{VISION_END}", 0.0))
-                    else:
-                        dropped += 1
+                dropped += self._content(m, i, pieces, images)
                 pieces.append((f"{IM_END}\n", 0.0))
+            elif m.role == "tool":  # a run of tool turns is one user turn
+                if i == 0 or messages[i - 1].role != "tool":
+                    pieces.append((f"{IM_START}user", 0.0))
+                pieces.append(("\n<tool_response>\n", 0.0))
+                dropped += self._content(m, i, pieces, images)
+                pieces.append(("\n</tool_response>", 0.0))
+                if i == len(messages) - 1 or messages[i + 1].role != "tool":
+                    pieces.append((f"{IM_END}\n", 0.0))
             elif m.role == "assistant":
                 dropped += len(m.images)
                 weight = 1.0 if m.weight is None else float(m.weight)
                 if train_on == "last_assistant" and i != last_assistant:
                     weight = 0.0
                 pieces.append((f"{IM_START}assistant\n", 0.0))
-                pieces.append((f"{m.text}{IM_END}", weight))
+                pieces.append((f"{assistant_text(m.text, m.tool_calls)}{IM_END}", weight))
                 pieces.append(("\n", 0.0))
             else:
                 raise ValueError(f"unsupported role {m.role!r}")
         if generation_prompt:
-            pieces.append((f"{IM_START}assistant\n", 0.0))
+            pieces.append((f"{IM_START}assistant\n{prefill}", 0.0))
         return pieces, images, dropped
+
+    def _content(
+        self,
+        m: Message,
+        i: int,
+        pieces: list[tuple[str, float]],
+        images: list[tuple[ImagePart, int]],
+    ) -> int:
+        """Append a user or tool turn's text and image slots (weight 0); the images over
+        the per-message cap are left out and counted (returned)."""
+        n_images = dropped = 0
+        for p in m.parts:
+            if isinstance(p, TextPart):
+                pieces.append((p.text, 0.0))
+            elif self.max_images_per_message is None or n_images < self.max_images_per_message:
+                n_images += 1
+                images.append((p, self._image_tokens(p, i)))
+                pieces.append((f"{VISION_START}{IMAGE_PAD}{VISION_END}", 0.0))
+            else:
+                dropped += 1
+        return dropped
 
     def _image_tokens(self, image: ImagePart, message: int) -> int:
         try:
@@ -228,13 +273,25 @@ class Renderer:
 
     # -- public -------------------------------------------------------------------------
 
-    def render(self, messages: list[Message], train_on: TrainOn = "all_assistant") -> Rendered:
+    def render(
+        self,
+        messages: list[Message],
+        train_on: TrainOn = "all_assistant",
+        tools: list[dict[str, Any]] | None = None,
+    ) -> Rendered:
         """A whole conversation for training, with per-token weights."""
-        return self._tokenize(*self._layout(messages, train_on, generation_prompt=False))
+        return self._tokenize(*self._layout(messages, train_on, False, tools))
 
-    def render_prompt(self, messages: list[Message]) -> Rendered:
+    def render_prompt(
+        self,
+        messages: list[Message],
+        tools: list[dict[str, Any]] | None = None,
+        prefill: str = "",
+    ) -> Rendered:
         """The conversation plus ``<|im_start|>assistant\\n``, for sampling (weights all 0).
 
+        ``prefill``: text the assistant turn starts with, tokenized with the prompt (the
+        server forces a tool call this way); the sample continues it.
         Raises if the messages end with an assistant turn: strip it first with
         ``split_prompt_and_answer``.
         """
@@ -243,7 +300,7 @@ class Renderer:
                 "render_prompt: the conversation ends with an assistant turn; "
                 "strip it with split_prompt_and_answer(messages) first"
             )
-        pieces, images, dropped = self._layout(messages, "all_assistant", generation_prompt=True)
+        pieces, images, dropped = self._layout(messages, "all_assistant", True, tools, prefill)
         pieces = [(t, 0.0) for t, _ in pieces]
         return self._tokenize(pieces, images, dropped)
 
@@ -262,17 +319,23 @@ CONTROL_TOKENS = (
 )
 
 
-def _check_no_control_tokens(messages: list[Message]) -> None:
+def _check_no_control_tokens(
+    messages: list[Message], tools: list[dict[str, Any]], prefill: str = ""
+) -> None:
+    texts = [(f"tools[{k}]", json.dumps(t, ensure_ascii=False)) for k, t in enumerate(tools)]
+    texts.append(("prefill", prefill))
     for i, m in enumerate(messages):
-        for p in m.parts:
-            if isinstance(p, TextPart):
-                for tok in CONTROL_TOKENS:
-                    if tok in p.text:
-                        raise RowError(
-                            f"text contains the control token {tok}",
-                            category="text contains a chat control token",
-                            field=f"messages[{i}] ({m.role})",
-                        )
+        where = f"messages[{i}] ({m.role})"
+        texts.extend((where, p.text) for p in m.parts if isinstance(p, TextPart))
+        texts.extend((f"{where} tool_calls", format_call(c)) for c in m.tool_calls)
+    for where, text in texts:
+        for tok in CONTROL_TOKENS:
+            if tok in text:
+                raise RowError(
+                    f"text contains the control token {tok}",
+                    category="text contains a chat control token",
+                    field=where,
+                )
 
 
 def datum_from_rendered(rendered: Rendered, image_token_id: int) -> Datum:

@@ -80,13 +80,13 @@ def _render(row: Row, renderer: Renderer, limits: RenderLimits) -> tuple[Rendere
         sides = []
         for name, messages in (("chosen", row.chosen), ("rejected", row.rejected)):
             try:
-                sides.append(renderer.render(messages, "last_assistant"))
+                sides.append(renderer.render(messages, "last_assistant", row.tools))
             except RowError as e:
                 raise e.at(name) from None
         return tuple(sides)
     if isinstance(row, RLRow):
-        return (renderer.render_prompt(row.messages),)
-    return (renderer.render(row.messages, limits.train_on),)
+        return (renderer.render_prompt(row.messages, row.tools),)
+    return (renderer.render(row.messages, limits.train_on, row.tools),)
 
 
 def _problem(row: Row, sides: tuple[Rendered, ...], limits: RenderLimits) -> RowError | None:

@@ -19,7 +19,6 @@ the error is counted (see ``safe_reward``).
 
 from __future__ import annotations
 
-import base64
 import functools
 import hashlib
 import importlib
@@ -30,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vlmtune.data.schema import ImagePart, Message
+from vlmtune.data.schema import Message
 from vlmtune.evaluation import normalize_answer
 
 RewardFn = Callable[[str, dict[str, Any]], float]
@@ -160,14 +159,7 @@ def score_group(
 
 def row_dict(messages: list[Message], metadata: dict[str, Any], line: int = 0) -> dict[str, Any]:
     """The ``row`` argument a reward function receives (OpenAI-style messages)."""
-    out = []
-    for m in messages:
-        content: list[dict[str, Any]] = []
-        for p in m.parts:
-            if isinstance(p, ImagePart):
-                url = f"data:{p.mime};base64,{base64.b64encode(p.data).decode()}"
-                content.append({"type": "image_url", "image_url": {"url": url}})
-            else:
-                content.append({"type": "text", "text": p.text})
-        out.append({"role": m.role, "content": content})
+    from vlmtune.data.tools import message_json
+
+    out = [message_json(m) for m in messages]
     return {"messages": out, "metadata": metadata, "line": line}

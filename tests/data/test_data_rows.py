@@ -177,7 +177,10 @@ def test_rl_prompt_row(load, mk):
     parsed, _ = _only_row(load, row, kind="rl")
     assert isinstance(parsed, RLRow) and parsed.metadata == {"answer": "1"}
     reason = _reason(load, {"messages": [mk.user("q"), mk.assistant()]}, kind="rl")
-    assert reason == "messages[1]: last turn is 'assistant'; an RL prompt must end with a user turn"
+    assert reason == (
+        "messages[1]: last turn is 'assistant'; an RL prompt must end with a user turn "
+        "(or a tool response)"
+    )
 
 
 def _pref(mk, chosen_prompt_url, rejected_prompt_url, rejected_text="What is this?"):
@@ -234,8 +237,14 @@ def test_preference_prompts_must_match(load, mk):
         ({"messages": []}, "messages: is empty"),
         ({"messages": "hi"}, "messages: must be an array of messages (got string)"),
         (
+            {"messages": [{"role": "function", "content": "x"}]},
+            "messages[0].role: unknown role 'function' "
+            "(expected one of 'system', 'user', 'assistant', 'tool')",
+        ),
+        (
             {"messages": [{"role": "tool", "content": "x"}]},
-            "messages[0].role: unknown role 'tool' (expected one of 'system', 'user', 'assistant')",
+            "messages[0].role: a tool message must follow an assistant message with "
+            "tool_calls (or another tool message)",
         ),
         ({"messages": [{"role": "user"}]}, "messages[0].content: missing"),
         (

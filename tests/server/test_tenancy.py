@@ -41,6 +41,9 @@ DATUM = {
 FB = {"data": [DATUM], "loss_fn": "cross_entropy"}
 FILE_JOB = JOB.replace('data = "train.jsonl"', 'data = "{file}"')  # reads an upload
 
+# The tasks `vlmtune serve` mounts (crafter is in the dev extra), each with an action.
+TASKS = {"lamp": "red", "crafter": "noop"}
+
 # Made-up ids shaped like A's: B asking for A's object must be answered as for these.
 _FAKE_SESSION = "sess-0000000000000000"
 _FAKE_RUN = f"{_FAKE_SESSION}:train:0"
@@ -59,6 +62,8 @@ UNKNOWN = {
     "file": "file-" + "0" * 24,
     "account": "tenancy-nobody",
     "deployment": "tenancy-nodep",
+    "lamp_episode": "0" * 24,
+    "crafter_episode": "1" * 24,
 }
 # A deployment named as the hot-load routes name it (a header, not the path).
 _A_DEPLOYMENT = {"fireworks-deployment": "accounts/{account}/deployments/{deployment}"}
@@ -273,7 +278,40 @@ PROBES: dict[tuple[str, str], list[Probe]] = {
         ("GET", "/v1/accounts/{account}/models/{model}", None, 404),
         ("GET", "/v1/accounts/{b_account}/models/{model}", None, 404),
     ],
+    # The hosted trainer's CLI (server/synth.py): A's upload and TOML job, by its routes.
+    ("GET", "/api/files/{file_id}"): [("GET", "/api/files/{file}", None, 404)],
+    ("GET", "/api/learning/files/{file_id}"): [("GET", "/api/learning/files/{file}", None, 404)],
+    ("POST", "/api/learning/jobs"): [
+        ("POST", "/api/learning/jobs",
+         {"model": MODEL, "training_file_id": "{file}", "hyperparameters": {"n_epochs": 1}}, 400),
+    ],
+    ("POST", "/api/learning/jobs/{job_id}/start"): [
+        ("POST", "/api/learning/jobs/{toml_job}/start", {}, 404),
+    ],
+    ("GET", "/api/learning/jobs/{job_id}"): [("GET", "/api/learning/jobs/{toml_job}", None, 404)],
+    ("GET", "/api/learning/jobs/{job_id}/events"): [
+        ("GET", "/api/learning/jobs/{toml_job}/events", None, 404),
+    ],
+    ("GET", "/api/learning/jobs/{job_id}/metrics"): [
+        ("GET", "/api/learning/jobs/{toml_job}/metrics", None, 404),
+    ],
+    ("GET", "/api/learning/jobs/{job_id}/timeline"): [
+        ("GET", "/api/learning/jobs/{toml_job}/timeline", None, 404),
+    ],
 }  # fmt: skip
+# Task apps mounted at /tasks/{name}/... (tasks/http.py): A's open episode of each task.
+for _task in TASKS:
+    PROBES[("POST", f"/tasks/{_task}/episodes/{{episode_id}}/step")] = [
+        (
+            "POST",
+            f"/tasks/{_task}/episodes/{{{_task}_episode}}/step",
+            {"action": TASKS[_task]},
+            404,
+        ),
+    ]
+    PROBES[("DELETE", f"/tasks/{_task}/episodes/{{episode_id}}")] = [
+        ("DELETE", f"/tasks/{_task}/episodes/{{{_task}_episode}}", None, 404),
+    ]
 
 # List routes: each tenant sees its own objects only (test_lists_show_only_own_objects).
 LISTS = {
@@ -298,11 +336,18 @@ OWNS_NOTHING = {
     ("POST", "/api/v1/create_session"): "makes a session of the caller's own tenant",
     ("POST", "/v1/jobs/trainer"): "makes a job of the caller's own tenant",
     ("POST", "/v1/files"): "makes a file of the caller's own tenant",
+    ("POST", "/api/files"): "makes a file of the caller's own tenant",
+    ("POST", "/api/learning/files"): "makes a file of the caller's own tenant",
     ("GET", "/v1/accounts/{account}/deploymentShapes/{shape}/versions"): "the server's shapes",
     ("GET", "/v1/accounts/{account}/deploymentShapes/{shape}/versions/{version}"): "ditto",
     ("GET", "/v1/accounts"): "the caller's own account",
     ("GET", "/v1/accounts/{account}/trainingShapes/{shape}/versions"): "the server's shapes",
     ("GET", "/v1/accounts/{account}/trainingShapes/{shape}/versions/{version}"): "ditto",
+    **{("GET", f"/tasks/{t}/info"): "the task's description" for t in TASKS},
+    **{
+        ("POST", f"/tasks/{t}/episodes"): "starts an episode of the caller's own tenant"
+        for t in TASKS
+    },
 }
 
 
@@ -394,6 +439,10 @@ def world(server: ServerThread, tmp_path_factory: pytest.TempPathFactory) -> Ite
     )
     hot = {"fireworks-deployment": "accounts/tenancy-a/deployments/tenancy-dep"}
     _ok(a.post("/hot_load/v1/models/hot_load", json={"identity": "samp"}, headers=hot))
+    for task in TASKS:
+        ids[f"{task}_episode"] = _ok(a.post(f"/tasks/{task}/episodes", json={"seed": 0}))[
+            "episode_id"
+        ]
     mine = dict(zip(("b_session", "b_run"), _run(b), strict=True))
     mine.update(b_account="tenancy-b", b_deployment="b-dep")
     _ok(

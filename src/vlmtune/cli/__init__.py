@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import typer
 
+from vlmtune.cli import agent as agent_cli
 from vlmtune.cli import data as data_cli
 from vlmtune.cli import models as models_cli
 from vlmtune.cli import plan as plan_cli
 from vlmtune.cli import serve as serve_cli
+from vlmtune.cli import tasks as tasks_cli
 from vlmtune.cli import train as train_cli
 
 app = typer.Typer(
@@ -18,10 +20,12 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(data_cli.app, name="data")
+app.add_typer(tasks_cli.app, name="tasks")
 models_cli.register(app)
 train_cli.register(app)
 plan_cli.register(app)
 serve_cli.register(app)
+agent_cli.register(app)
 
 
 def main() -> None:

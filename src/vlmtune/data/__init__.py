@@ -21,6 +21,7 @@ from vlmtune.data.schema import (
     RowKind,
     SFTRow,
     TextPart,
+    ToolCall,
 )
 from vlmtune.data.validate import iter_dataset, load_dataset, validate_dataset
 
@@ -42,6 +43,7 @@ __all__ = [
     "RowKind",
     "SFTRow",
     "TextPart",
+    "ToolCall",
     "ValidationReport",
     "decode_image",
     "fetch_image",

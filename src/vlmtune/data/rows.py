@@ -26,10 +26,12 @@ from vlmtune.data.schema import (
     RowKind,
     SFTRow,
     TextPart,
+    ToolCall,
     row_images,
 )
+from vlmtune.data.tools import check_tool_fields, check_tool_turns, parse_tool_calls, parse_tools
 
-ROLES: tuple[Role, ...] = ("system", "user", "assistant")
+ROLES: tuple[Role, ...] = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES: dict[str, Role] = {"human": "user", "gpt": "assistant", "system": "system"}
 SHAREGPT_ROLES.update({r: r for r in ROLES})
 KINDS: tuple[RowKind, ...] = ("sft", "preference", "rl")
@@ -42,6 +44,8 @@ class _RawMessage:
     weight: float | None
     field: str
     content_field: str
+    tool_calls: list[ToolCall]
+    tool_call_id: str | None
 
 
 @dataclass
@@ -158,14 +162,21 @@ def _parse_message(raw: Any, where: str) -> _RawMessage:
             category="unknown role",
             field=f"{where}.{role_key}",
         )
-    if content_key not in raw or raw[content_key] is None:
+    role = SHAREGPT_ROLES[role]
+    tool_calls = parse_tool_calls(raw.get("tool_calls"), f"{where}.tool_calls")
+    tool_call_id = raw.get("tool_call_id")
+    check_tool_fields(role, tool_calls, tool_call_id, raw, where)
+    content = raw.get(content_key)
+    if content is None and not tool_calls:  # a tool-calling turn may have no text
         raise RowError("missing", category="missing content", field=f"{where}.{content_key}")
     return _RawMessage(
-        role=SHAREGPT_ROLES[role],
-        parts=_parse_parts(raw[content_key], f"{where}.{content_key}"),
+        role=role,
+        parts=[] if content is None else _parse_parts(content, f"{where}.{content_key}"),
         weight=_parse_weight(raw, where),
         field=where,
         content_field=f"{where}.{content_key}",
+        tool_calls=tool_calls,
+        tool_call_id=tool_call_id,
     )
 
 
@@ -196,19 +207,22 @@ class RowParser:
         notes = _Notes()
         cache: dict[str, ImagePart] = {}  # chosen and rejected share prompt images
         legacy, has_legacy = legacy_images(obj)
+        tools = parse_tools(obj.get("tools"))
         if self.kind == "preference":
             sides, dropped = [], 0
             for side in ("chosen", "rejected"):
                 raw, where = self._side_messages(obj, side)
                 sides.append(self._messages(raw, where, legacy, has_legacy, notes, cache))
+                check_tool_turns(sides[-1], where, tools)
                 if side == "chosen":  # the sides share their prompt: count its cuts once
                     dropped = notes.images_dropped
             chosen, rejected = sides
             self._check_preference(chosen, rejected)
-            row: Row = PreferenceRow(line, chosen, rejected, metadata)
+            row: Row = PreferenceRow(line, chosen, rejected, metadata, tools)
             return ParsedRow(row, row_images(row), notes.warnings, dropped)
         raw, where = self._top_messages(obj)
         messages = self._messages(raw, where, legacy, has_legacy, notes, cache)
+        check_tool_turns(messages, where, tools)
         images = sum(len(m.images) for m in messages)
         warnings, dropped = notes.warnings, notes.images_dropped
         if self.kind == "sft":
@@ -218,14 +232,15 @@ class RowParser:
                     category="no assistant turn",
                     field=where,
                 )
-            return ParsedRow(SFTRow(line, messages, metadata), images, warnings, dropped)
-        if messages[-1].role != "user":
+            return ParsedRow(SFTRow(line, messages, metadata, tools), images, warnings, dropped)
+        if messages[-1].role not in ("user", "tool"):
             raise RowError(
-                f"last turn is {messages[-1].role!r}; an RL prompt must end with a user turn",
+                f"last turn is {messages[-1].role!r}; an RL prompt must end with a user turn "
+                "(or a tool response)",
                 category="RL prompt does not end with a user turn",
                 field=f"{where}[{len(messages) - 1}]",
             )
-        return ParsedRow(RLRow(line, messages, metadata), images, warnings, dropped)
+        return ParsedRow(RLRow(line, messages, metadata, tools), images, warnings, dropped)
 
     def _top_messages(self, obj: dict[str, Any]) -> tuple[Any, str]:
         for key in ("messages", "conversations"):
@@ -297,8 +312,11 @@ class RowParser:
                 f"dropped {len(refs) - self.cap}"
             )
         # Only string content can still be blank here (blank text parts were refused).
-        m.parts = [p for p in m.parts if not isinstance(p, str) or p.strip()]
-        if not m.parts:
+        # A tool's output and a calling turn's text are kept as given, blank or not: the
+        # template writes them verbatim (a calling turn's text decides a newline).
+        verbatim = m.role == "tool" or bool(m.tool_calls)
+        m.parts = [p for p in m.parts if not isinstance(p, str) or (p if verbatim else p.strip())]
+        if not m.parts and not verbatim:
             raise _empty_text(m.content_field)
         parts: list[Part] = []
         for p in m.parts:
@@ -313,7 +331,7 @@ class RowParser:
                     raise exc.at(p.field) from None
                 cache[p.ref] = image
             parts.append(image)
-        return Message(role=m.role, parts=parts, weight=m.weight)
+        return Message(m.role, parts, m.weight, m.tool_calls, m.tool_call_id)
 
     def _check_preference(self, chosen: list[Message], rejected: list[Message]) -> None:
         for side, msgs in (("chosen", chosen), ("rejected", rejected)):
@@ -347,6 +365,8 @@ def _prompt_difference(a: list[Message], b: list[Message]) -> str:
     for i, (x, y) in enumerate(zip(a, b, strict=True)):
         if x.role != y.role:
             return f"messages[{i}] role {x.role!r} vs {y.role!r}"
+        if (x.tool_calls, x.tool_call_id) != (y.tool_calls, y.tool_call_id):
+            return f"messages[{i}] tool calls"
         if [_part_key(p) for p in x.parts] != [_part_key(p) for p in y.parts]:
             if [p.type for p in x.parts] != [p.type for p in y.parts]:
                 return f"messages[{i}] content"

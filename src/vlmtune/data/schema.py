@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 
 
 @dataclass(frozen=True)
@@ -34,11 +34,27 @@ class ImagePart:
 Part = TextPart | ImagePart
 
 
+@dataclass(frozen=True)
+class ToolCall:
+    """One function call of an assistant turn (OpenAI's ``tool_calls`` entry).
+
+    ``arguments`` is the JSON text exactly as the chat template writes it: a string the
+    row gave is kept verbatim, an object is serialised as the template's ``tojson``
+    does (``json.dumps``, key order kept, ``ensure_ascii=False``). Always a JSON object.
+    """
+
+    name: str
+    arguments: str
+    id: str | None = None
+
+
 @dataclass
 class Message:
     role: Role
     parts: list[Part]
     weight: float | None = None  # None: the train_on policy decides; 0 excludes the turn
+    tool_calls: list[ToolCall] = field(default_factory=list)  # assistant turns only
+    tool_call_id: str | None = None  # tool turns only: the call this answers
 
     @property
     def images(self) -> list[ImagePart]:
@@ -54,6 +70,7 @@ class SFTRow:
     line: int  # 1-based line number in the source file
     messages: list[Message]
     metadata: dict[str, Any] = field(default_factory=dict)
+    tools: list[dict[str, Any]] = field(default_factory=list)  # OpenAI function specs
 
 
 @dataclass
@@ -62,6 +79,7 @@ class PreferenceRow:
     chosen: list[Message]
     rejected: list[Message]
     metadata: dict[str, Any] = field(default_factory=dict)
+    tools: list[dict[str, Any]] = field(default_factory=list)  # OpenAI function specs
 
 
 @dataclass
@@ -69,6 +87,7 @@ class RLRow:
     line: int
     messages: list[Message]  # ends with a user turn
     metadata: dict[str, Any] = field(default_factory=dict)
+    tools: list[dict[str, Any]] = field(default_factory=list)  # OpenAI function specs
 
 
 Row = SFTRow | PreferenceRow | RLRow

@@ -206,6 +206,7 @@ def run(
                 r.line,
                 [*r.messages, Message("assistant", [TextPart(str(r.metadata.get("answer", "")))])],
                 r.metadata,
+                r.tools,
             )
             for r in eval_rows
         ]

@@ -373,21 +373,34 @@ class HttpTrainingClient(_RendererMixin):
 def _message_json(m: Message | dict[str, Any]) -> dict[str, Any]:
     if isinstance(m, dict):
         return m
-    from vlmtune.data.refs import data_url
-    from vlmtune.data.schema import TextPart
+    from vlmtune.data.tools import message_json
 
-    parts = [{"type": "text", "text": p.text} if isinstance(p, TextPart)
-             else {"type": "image_url", "image_url": {"url": data_url(p.data, p.mime)}} for p in m.parts]  # fmt: skip
-    return {"role": m.role, "content": parts}
+    return message_json(m)
 
 
 def remote_chat_completion(
     server: str, api_key: str | None, model: str, messages: Sequence[Message | dict[str, Any]],
     max_tokens: int = 32,
     temperature: float = 0.0,
+    tools: Sequence[dict[str, Any]] = (),
 ) -> str:  # fmt: skip
-    """One greedy chat completion from a served model (messages: OpenAI dicts or ``Message``)."""
+    """One greedy chat completion from a served model (messages: OpenAI dicts or ``Message``;
+    ``tools``: the row's function specs, rendered as in training)."""
     t = HttpTransport(server, api_key)
-    body = {"model": model, "messages": [_message_json(m) for m in messages],
-            "max_tokens": max_tokens, "temperature": temperature}  # fmt: skip
-    return t.post("/v1/chat/completions", body)["choices"][0]["message"]["content"]
+    body: dict[str, Any] = {"model": model, "messages": [_message_json(m) for m in messages],
+                            "max_tokens": max_tokens, "temperature": temperature}  # fmt: skip
+    if tools:
+        # "none" would leave them out of the prompt, unlike training; "auto" parses the
+        # reply's calls, which are put back as text below.
+        body["tools"], body["tool_choice"] = list(tools), "auto"
+    message = t.post("/v1/chat/completions", body)["choices"][0]["message"]
+    if not message.get("tool_calls"):
+        return message["content"]
+    # The reply as the model wrote it (calls as <tool_call> text), to compare with a
+    # reference answer rendered the same way.
+    from vlmtune.data.schema import ToolCall
+    from vlmtune.tool_calls import assistant_text
+
+    calls = [ToolCall(c["function"]["name"], c["function"]["arguments"])
+             for c in message["tool_calls"]]  # fmt: skip
+    return assistant_text(message.get("content") or "", calls)

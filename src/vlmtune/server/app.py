@@ -34,11 +34,11 @@ from vlmtune.server.auth import (
     Scope,
     Send,
 )
-from vlmtune.server.context import SafeJSON, ServerConfig, ServerContext
+from vlmtune.server.context import SafeJSON, ServerConfig, ServerContext, tenant_of
 from vlmtune.server.fireworks import account_scope
 from vlmtune.server.inference import ModelPool
 from vlmtune.server.jobs import JobRunner
-from vlmtune.server.openapi import ERROR_RESPONSES, openapi_schema
+from vlmtune.server.openapi import ERROR_RESPONSES, json_body, openapi_schema
 from vlmtune.server.runs import RunManager
 from vlmtune.server.samplers import SamplerManager
 from vlmtune.server.store import Store
@@ -162,6 +162,7 @@ def create_context(config: ServerConfig) -> ServerContext:
 def create_app(config: ServerConfig) -> GateMiddleware:
     """The full ASGI app (key and body-size gates around the FastAPI routes)."""
     from vlmtune.server.routes import ROUTERS
+    from vlmtune.tasks.http import mount_tasks
 
     c = create_context(config)
 
@@ -180,6 +181,8 @@ def create_app(config: ServerConfig) -> GateMiddleware:
     api.state.ctx = c
     for router in ROUTERS:
         api.include_router(router, responses=ERROR_RESPONSES)
+    # /tasks/{name}/...: the same key gate; each tenant's episodes are its own.
+    mount_tasks(api, json_body, owner_of=tenant_of, responses=ERROR_RESPONSES)
     api.openapi = lambda: openapi_schema(api)  # type: ignore[method-assign]
 
     @api.exception_handler(BadRequest)
@@ -235,7 +238,9 @@ class ServerThread:
         options.setdefault("port", 0)  # a free port
         self.config = ServerConfig(data_dir=Path(data_dir), **options)
         self.app = create_app(self.config)
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY only on sockets whose proto
+        # says TCP, and without it every response waits ~40 ms for a delayed ACK.
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((self.config.host, self.config.port))
         self.port = self.sock.getsockname()[1]

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from vlmtune.engine.engine import TrainingEngine
+from vlmtune.engine.inference import load_inference_engine
 from vlmtune.protocol.errors import BadRequest, NotFound, shown
-from vlmtune.server.inference import load_inference_engine
 from vlmtune.server.run_config import engine_config
 from vlmtune.server.store import Store
 

@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from vlmtune.engine.engine import EngineConfig, TrainingEngine
+from vlmtune.engine.inference import load_inference_engine
 from vlmtune.protocol.errors import BadRequest, NotFound
-from vlmtune.server.inference import ModelPool, load_inference_engine, sample
+from vlmtune.server.inference import ModelPool, sample
 from vlmtune.server.run_config import engine_config
 from vlmtune.server.runs import Run, RunManager, Task
 from vlmtune.server.store import Store

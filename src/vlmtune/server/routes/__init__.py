@@ -2,11 +2,21 @@
 
 ``tinker`` (runs, primitives, sampling, futures), ``service`` (sessions, listings,
 capabilities), ``jobs`` (the job control plane), ``files`` (uploads jobs read),
-``openai`` (chat completions), ``fireworks`` (the Fireworks training control plane) and
-``deployments`` (its deployments: hot-load and completions, for RL).
+``openai`` (chat completions), ``fireworks`` (the Fireworks training control plane),
+``deployments`` (its deployments: hot-load and completions, for RL) and ``synth`` (the
+hosted Qwen3-VL trainer's CLI: uploads and learning jobs under ``/api``).
 """
 
-from vlmtune.server.routes import deployments, files, fireworks, jobs, openai, service, tinker
+from vlmtune.server.routes import (
+    deployments,
+    files,
+    fireworks,
+    jobs,
+    openai,
+    service,
+    synth,
+    tinker,
+)
 
 ROUTERS = (
     service.router,
@@ -16,6 +26,7 @@ ROUTERS = (
     openai.router,
     fireworks.router,
     deployments.router,
+    synth.router,
 )
 
 __all__ = ["ROUTERS"]

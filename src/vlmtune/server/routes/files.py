@@ -14,7 +14,7 @@ from vlmtune.server.files import file_json
 
 router = APIRouter()
 
-_MULTIPART_BODY: dict[str, Any] = {
+MULTIPART_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
@@ -33,20 +33,24 @@ _MULTIPART_BODY: dict[str, Any] = {
 }
 
 
-@router.post("/v1/files", openapi_extra=_MULTIPART_BODY)
+@router.post("/v1/files", openapi_extra=MULTIPART_BODY)
 async def upload_file(request: Request) -> SafeJSON:
     """Stream a ``multipart/form-data`` upload (``file``, optional ``purpose``) to disk;
     the body size limit is the server's (--max-body-mb)."""
+    return SafeJSON(file_json(await stream_upload(request)))
+
+
+async def stream_upload(request: Request) -> dict[str, Any]:
+    """A multipart upload streamed to the file store as the caller's: its row."""
     files = ctx(request).jobs.files
     file_id, upload = files.begin(request.headers.get("content-type", ""))
     try:
         async for chunk in request.stream():
             if chunk:
                 await run_in_threadpool(upload.write, chunk)
-        row = await run_in_threadpool(files.add, file_id, upload, caller(request).tenant)
+        return await run_in_threadpool(files.add, file_id, upload, caller(request).tenant)
     finally:
         await run_in_threadpool(upload.discard)
-    return SafeJSON(file_json(row))
 
 
 @router.get("/v1/files")

@@ -23,7 +23,13 @@ from pydantic import Field
 from vlmtune.protocol.errors import BadRequest
 from vlmtune.protocol.wire import WireModel
 from vlmtune.server import catalog
-from vlmtune.server.chat import generate, parse_messages
+from vlmtune.server.chat import (
+    assistant_message,
+    generate,
+    parse_messages,
+    plan_tools,
+    stream_deltas,
+)
 from vlmtune.server.context import SafeJSON, body_of, ctx, model_name, tenant_of
 from vlmtune.server.openapi import json_body
 from vlmtune.types import SamplingParams
@@ -42,6 +48,14 @@ class ChatBody(WireModel):
     stream: bool = False
     stop: str | list[str] | None = None
     seed: int | None = None
+    tools: list[dict[str, Any]] | None = Field(
+        None, description='OpenAI function specs: [{"type": "function", "function": {...}}]'
+    )
+    tool_choice: str | dict[str, Any] | None = Field(
+        None,
+        description='"none", "auto" (the default with tools), "required", or '
+        '{"type": "function", "function": {"name": ...}}',
+    )
 
 
 @router.get("/v1/models")
@@ -65,6 +79,7 @@ async def chat_completions(request: Request) -> SafeJSON | StreamingResponse:
     empty = c.config.data_dir / "empty"
     empty.mkdir(exist_ok=True)
     messages = await run_in_threadpool(parse_messages, body.messages, empty)
+    plan = plan_tools(body.tools, body.tool_choice)
     model = model_name(request, body.model)  # --model-alias
     key, loader = await run_in_threadpool(catalog.resolve, c.store, model, tenant_of(request))
     params = SamplingParams(
@@ -74,7 +89,7 @@ async def chat_completions(request: Request) -> SafeJSON | StreamingResponse:
         stop=[body.stop] if isinstance(body.stop, str) else body.stop,
         seed=body.seed,
     )
-    fut = c.pool.run(key, loader, lambda e: generate(e, messages, params, body.n))
+    fut = c.pool.run(key, loader, lambda e: generate(e, messages, params, body.n, plan))
     try:
         result = await asyncio.wrap_future(fut)
     except ValueError as e:  # e.g. a conversation the renderer refuses
@@ -83,35 +98,41 @@ async def chat_completions(request: Request) -> SafeJSON | StreamingResponse:
     completion = sum(ch["n"] for ch in result["choices"])
     usage = {"prompt_tokens": result["prompt_tokens"], "completion_tokens": completion,
              "total_tokens": result["prompt_tokens"] + completion}  # fmt: skip
+    answers = [assistant_message(ch["text"], ch["finish"], plan) for ch in result["choices"]]
+    extra: dict[str, Any] = {"images_dropped": result["dropped"]}
+    if plan.parse:  # per choice: <tool_call> blocks left in the content, and why
+        extra["tool_call_problems"] = [problems for _, _, problems in answers]
     if not body.stream:
         return SafeJSON(
             {
                 "id": cid, "object": "chat.completion", "created": created, "model": body.model,
                 "choices": [
-                    {"index": i, "message": {"role": "assistant", "content": ch["text"]},
-                     "finish_reason": ch["finish"]}
-                    for i, ch in enumerate(result["choices"])
+                    {"index": i, "message": message, "finish_reason": finish}
+                    for i, (message, finish, _) in enumerate(answers)
                 ],
                 "usage": usage,
-                "vlmtune": {"images_dropped": result["dropped"]},
+                "vlmtune": extra,
             }
         )  # fmt: skip
 
     def events() -> Iterator[str]:
         # The whole completion is generated first (the engine has no token callback);
-        # it is then sent in OpenAI's chunk format, one token's text per chunk.
+        # it is then sent in OpenAI's chunk format, one token's text per chunk, or its
+        # parsed tool calls as OpenAI streams them (``chat.stream_deltas``).
         def chunk(i: int, delta: dict, finish: str | None = None) -> str:
             return "data: " + json.dumps({
                 "id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
                 "choices": [{"index": i, "delta": delta, "finish_reason": finish}],
             }) + "\n\n"  # fmt: skip
 
-        for i, ch in enumerate(result["choices"]):
-            yield chunk(i, {"role": "assistant", "content": ""})
-            for piece in ch["pieces"]:
-                if piece:
-                    yield chunk(i, {"content": piece})
-            yield chunk(i, {}, ch["finish"])
+        for i, (ch, (message, finish, _)) in enumerate(
+            zip(result["choices"], answers, strict=True)
+        ):
+            calls = "tool_calls" in message
+            yield chunk(i, {"role": "assistant", "content": None if calls else ""})
+            for delta in stream_deltas(message, ch["pieces"], plan.prefill):
+                yield chunk(i, delta)
+            yield chunk(i, {}, finish)
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")

@@ -1,0 +1,1 @@
+"""Task apps: environments a collector runs a policy against (see ``protocol.py``)."""
