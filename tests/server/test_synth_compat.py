@@ -123,7 +123,10 @@ def test_the_cli_flow_trains_and_answers_every_field_the_cli_reads(synth_server,
     assert events[-1]["type"] in CLI["events"]["terminal_success"]
     notes = [e["message"] for e in events if e["type"] == "vlmtune.config"]
     assert any(n.startswith("hyperparameters.parallelism.fsdp = False is ignored (") for n in notes)
-    assert "compute.sharding: None -> 'shard_grad_op' (FSDP2's ZeRO-2 sharding)" in notes
+    assert (
+        "compute.sharding: None -> 'shard_grad_op' (from "
+        "hyperparameters.parallelism.deepspeed_stage = 2: FSDP2's ZeRO-2 sharding)" in notes
+    )
     assert "hyperparameters.eval_every: None -> 2 (from hyperparameters.eval_steps)" in notes
     drops = {e["data"]["file_id"]: e for e in events if e["type"] == "vlmtune.data"}
     assert set(drops) == {train["id"], val_id}  # each upload has its bad line
@@ -223,7 +226,8 @@ def test_the_hosted_examples_become_jobs_vlmtune_accepts(tmp_path, name, variety
     assert all(" is ignored (" in n or " -> " in n for n in notes)
     if name == "crafter_vlm_qlora":  # evaluation keys written under [hyperparameters.parallelism]
         assert job.hyperparameters.eval_every == 100
-        assert "hyperparameters.parallelism.deepspeed_stage = 2 is ignored (" in "\n".join(notes)
+        everything = "\n".join(notes + synth_config.dialect_notes(raw))
+        assert "hyperparameters.parallelism.deepspeed_stage = 2 is ignored (" in everything
 
 
 def test_a_resumed_jobs_old_failure_does_not_end_the_cli_stream(tmp_path):

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from vlmtune.config.schema import ConfigError, JobFile
+from vlmtune.hosted_keys import MISSING_KEY_HINTS
 
 
 def _format_pydantic(err: ValidationError) -> list[str]:
@@ -22,7 +23,7 @@ def _format_pydantic(err: ValidationError) -> list[str]:
         if e["type"] == "extra_forbidden":
             out.append(f"{key}: unknown key")
         elif e["type"] == "missing":
-            out.append(f"{key}: required key is missing")
+            out.append(f"{key}: required key is missing{MISSING_KEY_HINTS.get(key, '')}")
         else:
             got = e.get("input")
             shown = "" if isinstance(got, dict) else f" (got {_short_repr(got)})"
@@ -138,10 +139,13 @@ def load_job(
             problems.append(str(e))
             continue
         problems += _set_override(raw, keys, value)
-    from vlmtune.job_dialect import translate
+    from vlmtune.job_dialect import get_dotted, translate, unserved_model
     from vlmtune.planning.shapes import apply_shape
 
     dialect = translate(raw)  # the hosted trainer's keys, before validation
+    unserved = unserved_model(get_dotted(raw, "job.model")[1], path.parent)
+    if unserved is not None:  # the one thing to say: no other key matters for it
+        raise ConfigError(source, [unserved])
     problems += dialect.problems
     shape_problems = apply_shape(raw)  # before validation: a shape may supply job.model
     if shape_problems:
