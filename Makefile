@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: install demo agent-demo agent-demo-crafter test lint format bench clean
+.PHONY: install demo agent-demo agent-demo-crafter test lint format bench clean chromium
 
 install: $(VENV)/installed
 
@@ -41,9 +41,22 @@ $(FIREWORKS_CLIENT)/installed: | $(VENV)/installed
 	$(PIP) install -q --no-deps --target $(FIREWORKS_CLIENT) $(FIREWORKS_PINS)
 	touch $@
 
+# Chromium from the system's packages, for the report's browser test
+# (tests/report/test_report_browser.py: playwright drives it and downloads no browser).
+# apt-get as root in CI, through sudo elsewhere; without apt-get, install it yourself
+# (the browser test skips when there is none).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    $(SUDO) apt-get update -qq && \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else echo "chromium: no apt-get here; install Chromium (the browser test skips)"; fi; }
+
 # Two workers (pytest-xdist): much of the suite waits on subprocesses and servers, so two
 # workers on two cores take 7.6 min where one takes 10.
-test: install $(FIREWORKS_CLIENT)/installed
+test: install $(FIREWORKS_CLIENT)/installed chromium
 	$(PY) -m pytest -q -x -n 2 --dist loadgroup --durations=15
 
 lint: install

@@ -64,7 +64,7 @@ def test_the_fuzzed_keys_cover_the_schema():
     assert {"hyperparameters.n_epochs", "lora.r", "rl.top_k"} <= set(INT_KEYS)
     assert {"hyperparameters.learning_rate", "dpo.beta", "rl.temperature"} <= set(FLOAT_KEYS)
     assert {"job.model", "job.data", "training.device", "rl.reward"} <= set(STR_KEYS)
-    assert set(LIST_KEYS) == {"lora.target_modules", "rl.stop"}
+    assert set(LIST_KEYS) == {"lora.target_modules", "rl.stop", "logging.report_to", "logging.tags"}
 
 
 def _toml(value: Any) -> str:

@@ -52,6 +52,11 @@ def test_toml_job_runs_promotes_and_serves_chat(server, key, api, tmp_path, caps
     assert model_id.startswith("digits-sft")
     assert "[progress] step 1/1  loss" in err and "[promoted]" in err
     (job,) = [j for j in server.context.jobs.list("toml") if j["model_id"] == model_id]
+    # The CLI prints the job's report page, which opens without a key (a signed link).
+    (url,) = [line[8:] for line in err.splitlines() if line.startswith("report: ")]
+    assert url.startswith(f"{server.url}/v1/jobs/{job['id']}/report?token=")
+    page = httpx.get(url, timeout=60)
+    assert page.status_code == 200 and ">succeeded<" in page.text and "1 of 1" in page.text
     events = JobsClient(server.url, key).events(job["id"])["events"]
     (progress,) = assert_events_are_the_metrics(events, Path(job["run_dir"]))
     assert progress["data"]["total"] == 1 and "grad_norm" in progress["data"]["metrics"]
@@ -120,9 +125,13 @@ def test_toml_job_runs_promotes_and_serves_chat(server, key, api, tmp_path, caps
 def test_submit_without_poll_then_cancel_and_list(server, key, tmp_path, capsys):
     config = job_file(tmp_path)
     assert submit_job(config, "sft", server.url, key, [], poll=False) == 0
-    job_id = capsys.readouterr().out.strip()
+    out, err = capsys.readouterr()
+    job_id = out.strip()  # stdout: the id alone, for scripts; the report's URL on stderr
     assert job_id.startswith("job-")
+    assert f"report: {server.url}/v1/jobs/{job_id}/report?token=" in err
     opts = ["--server", server.url, "--api-key", key]
+    reported = runner.invoke(app, ["jobs", "report", job_id, *opts])
+    assert reported.output.startswith(f"{server.url}/v1/jobs/{job_id}/report?token=")
     result = runner.invoke(app, ["jobs", "cancel", job_id, *opts])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["state"] == "cancelled"

@@ -187,6 +187,14 @@ PROBES: dict[tuple[str, str], list[Probe]] = {
         ("POST", "/v1/jobs/{job}/promote",
          {"checkpoint_id": "{sampler_path}", "output_model_id": "tenancy-b-steal"}, 404),
     ],
+    # A TOML job's report page and the link a browser opens it by (tests/report/).
+    ("GET", "/v1/jobs/{job_id}/report"): [
+        ("GET", "/v1/jobs/{toml_job}/report", None, 404),
+        ("GET", "/v1/jobs/{job}/report", None, 404),
+    ],
+    ("GET", "/v1/jobs/{job_id}/report_link"): [
+        ("GET", "/v1/jobs/{toml_job}/report_link", None, 404),
+    ],
     ("GET", "/v1/files/{file_id}"): [
         ("GET", "/v1/files/{file}", None, 404),
     ],
@@ -299,6 +307,7 @@ PROBES: dict[tuple[str, str], list[Probe]] = {
         ("GET", "/api/learning/jobs/{toml_job}/timeline", None, 404),
     ],
 }  # fmt: skip
+
 # Task apps mounted at /tasks/{name}/... (tasks/http.py): A's open episode of each task.
 for _task in TASKS:
     PROBES[("POST", f"/tasks/{_task}/episodes/{{episode_id}}/step")] = [

@@ -223,10 +223,46 @@ def jobs_show(
     events: bool = False,
 ) -> None:
     client = _jobs(server, api_key)
-    _print_job(client.get(job_id))
+    job = client.get(job_id)
+    _print_job(job)
+    _print_report_url(client, job)
     if events:
         for e in client.events(job_id)["events"]:
             typer.echo(f"{e['seq']:5d} {e['type']:10s} {e['message']}")
+
+
+def _print_report_url(client: JobsClient, job: dict[str, Any]) -> None:
+    """``report: URL`` on stderr for a job that has a report page (a TOML job)."""
+    if job.get("kind") != "toml":
+        return
+    from vlmtune.sdk.http import RemoteError
+
+    try:
+        _err(f"report: {client.report_link(job['id'])['url']}")
+    except RemoteError as e:  # a server from before report pages: the job goes on
+        _err(f"report: none ({e})")
+
+
+@jobs_app.command("report")
+def jobs_report(
+    job_id: str,
+    server: ServerOpt = "http://127.0.0.1:8000",
+    api_key: KeyOpt = None,
+    open_: Annotated[bool, typer.Option("--open", help="open it in the browser")] = False,
+) -> None:
+    """Print the URL of the job's report page (it opens without a key, for a day)."""
+    from vlmtune.sdk.http import RemoteError
+
+    try:
+        url = _jobs(server, api_key).report_link(job_id)["url"]
+    except RemoteError as e:
+        _err(f"{server}: {e}")
+        raise typer.Exit(1) from None
+    typer.echo(url)
+    if open_:
+        import webbrowser
+
+        webbrowser.open(url)
 
 
 @jobs_app.command("cancel")
@@ -299,8 +335,10 @@ def submit_job(
     job_id = created["id"]
     if not poll:
         typer.echo(job_id)
+        _print_report_url(client, created)
         return 0
     _err(f"job {job_id} submitted to {server_url}")
+    _print_report_url(client, created)
     final: dict[str, Any] = created
     try:
         for state, event in client.follow(job_id):

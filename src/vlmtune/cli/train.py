@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,7 +15,9 @@ from vlmtune.job_checks import check_compute, machine_problems
 
 
 def _err(message: str) -> None:
-    typer.echo(message, err=True)
+    # sys.stderr as it is now, not click's wrapper of its buffer: while a progress bar
+    # is live, rich stands in for sys.stderr and prints the line above the bar
+    print(message, file=sys.stderr, flush=True)
 
 
 def report_resolved(job: JobFile, say: Callable[[str], None]) -> None:

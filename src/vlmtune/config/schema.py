@@ -257,6 +257,68 @@ class RLConfig(_Section):
     kl_coef: float = Field(0.0, ge=0, description="KL penalty against the reference model (0: off)")
 
 
+# The trackers ``[logging] report_to`` may name, each an optional extra of the same name
+# (``pip install 'vlmtune[wandb]'``); ``recipes/trackers.py`` drives them.
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+TrackerName = Literal["tensorboard", "wandb", "mlflow", "trackio"]
+
+
+def _no_nul(value: str) -> str:
+    # Valid TOML, but no file name can hold it: refused here rather than by mkdir mid-setup.
+    if "\x00" in value:
+        raise ValueError("contains a NUL byte (\\x00), which no file path can hold")
+    return value
+
+
+class LoggingConfig(_Section):
+    report_to: list[TrackerName] = Field(
+        default_factory=list,
+        description="experiment trackers that get every number of metrics.jsonl at its step "
+        "and the job as it ran: tensorboard, wandb, mlflow, trackio (each an optional extra, "
+        "e.g. pip install 'vlmtune[wandb]'); [] (default): metrics.jsonl only",
+    )
+    project: Name | None = Field(
+        None,
+        description="W&B and trackio project, MLflow experiment (unset: job.name, else the "
+        "run directory's name)",
+    )
+    run_name: Name | None = Field(
+        None, description="the run's name in every tracker (unset: the run directory's name)"
+    )
+    tags: list[Name] = Field(default_factory=list, description="W&B tags and MLflow tags")
+    log_dir: Annotated[Name, AfterValidator(_no_nul)] | None = Field(
+        None,
+        description="TensorBoard's event folder (unset: <run directory>/tensorboard); a "
+        "relative path is from the working directory, as job.output_dir is",
+    )
+    mlflow_tracking_uri: Name | None = Field(
+        None,
+        description="MLflow server or store, e.g. http://host:5000 or sqlite:///mlflow.db "
+        "(unset: MLFLOW_TRACKING_URI, else sqlite:///<run directory>/mlflow.db)",
+    )
+    wandb_mode: Literal["online", "offline"] | None = Field(
+        None,
+        description="online (needs an API key: wandb login or WANDB_API_KEY) or offline "
+        "(files in <run directory>/wandb, for wandb sync); unset: WANDB_MODE, else online",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_names(cls, value: object) -> object:
+        # One message naming the choices, not one per Literal member; a lone name is
+        # a list of one, and naming a tracker twice starts it once.
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"must be a list of tracker names ({', '.join(TRACKERS)})")
+        unknown = [v for v in value if v not in TRACKERS]
+        if unknown:
+            raise ValueError(
+                f"unknown tracker {unknown[0]!r}; use {', '.join(TRACKERS[:-1])} or {TRACKERS[-1]}"
+            )
+        return list(dict.fromkeys(value))
+
+
 class JobFile(_Section):
     """A whole TOML job file."""
 
@@ -269,6 +331,7 @@ class JobFile(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
     # What load_job resolved from the hosted trainer's keys (printed like vision defaults).
     _resolved: list[SettingChange] = PrivateAttr(default_factory=list)
     _ignored: list[str] = PrivateAttr(default_factory=list)

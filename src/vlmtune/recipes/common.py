@@ -6,22 +6,12 @@ from __future__ import annotations
 
 import math
 import random
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from types import TracebackType
-from typing import Any, TextIO, TypeVar
-
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-)
+from typing import Any, TypeVar
 
 from vlmtune.atomic import explain_refused_writes
 from vlmtune.config import ConfigError, HyperparametersConfig, JobFile
@@ -31,6 +21,7 @@ from vlmtune.defaults import apply_vision_defaults, image_cap, resolved_lines
 from vlmtune.engine.distributed import is_main_process
 from vlmtune.engine.divergence import DivergedError
 from vlmtune.engine.engine import EngineConfig
+from vlmtune.recipes.eval_records import write_applied_settings
 from vlmtune.recipes.resume import (
     choose_checkpoint,
     clean_run_dir,
@@ -129,61 +120,6 @@ def save_final(tc: TrainingClientProtocol, run: RunDir) -> str:
     return tc.save_weights_for_sampler(str(run.path / "final")).result().path
 
 
-class ProgressBar:
-    """A rich bar (loss, examples/s, time left) on a terminal; plain lines otherwise."""
-
-    def __init__(
-        self,
-        total: int,
-        start: int,
-        description: str,
-        stream: TextIO | None = None,
-        label: str = "loss",  # what the number shown is (RL shows the mean reward)
-    ) -> None:
-        stream = stream or sys.stderr  # looked up per call: tests and notebooks swap it
-        self.total, self.start_step, self.label = total, start, label
-        self.enabled = is_main_process()
-        self.interactive = self.enabled and stream.isatty()
-        self.last_print = 0.0
-        self.stream = stream
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn(label + " {task.fields[loss]:.4f}"),
-            TextColumn("{task.fields[eps]:.1f} ex/s"),
-            TimeRemainingColumn(),
-            disable=not self.interactive,
-        )
-        self.task = self.progress.add_task(
-            description, total=total, completed=start, loss=float("nan"), eps=0.0
-        )
-
-    def __enter__(self) -> ProgressBar:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.progress.__exit__(exc_type, exc, tb)
-
-    def update(self, step: int, loss: float, examples_per_s: float) -> None:
-        self.progress.update(self.task, completed=step, loss=loss, eps=examples_per_s)
-        now = time.monotonic()
-        if not self.enabled:
-            return
-        if not self.interactive and (now - self.last_print > 10 or step == self.total):
-            self.last_print = now
-            print(
-                f"step {step}/{self.total}  {self.label} {loss:.4f}  {examples_per_s:.1f} ex/s",
-                file=self.stream,
-            )
-
-
 def adam_params(hp: HyperparametersConfig, learning_rate: float) -> AdamParams:
     """The optimizer settings of ``[hyperparameters]`` at this step's learning rate."""
     return AdamParams(
@@ -223,14 +159,16 @@ def prepare(
     log what the job file resolved, apply and log the vision defaults, remove what a
     killed write left in the run directory, choose the checkpoint ``resume`` continues
     from (``ResumeError`` when none is whole or its settings differ: before the model
-    loads), and write ``config.toml`` (the job as it will run).
+    loads), write ``config.toml`` (the job as it will run) and start the job's
+    trackers (``ConfigError`` for one that cannot start).
 
     Applying the defaults again changes nothing (``apply_vision_defaults`` leaves a
     job it has set up as it is), so a job may go through this more than once.
     """
     for line in resolved_lines(job):
         log(line)
-    for change in vision_defaults(job, method, service):
+    vision = vision_defaults(job, method, service)
+    for change in vision:
         log(f"vision default: {change}")
     log(f"run directory: {run_dir}")
     run = RunDir(run_dir, log=log)
@@ -239,6 +177,9 @@ def prepare(
     if resume:
         run.resume_from = choose_checkpoint(run.path, asdict(EngineConfig.from_job(job)), log)
     run.write_config(job)
+    write_applied_settings(run, job, method, vision)  # for the run's report
+    # [logging] report_to: before the model loads, so one that cannot start costs nothing
+    run.start_trackers(job)
     return run
 
 
@@ -367,19 +308,28 @@ class Checkpointer:
         if step >= self.total_steps:
             return
         if self.save_every and step % self.save_every == 0:
+            # said before, as the eval and the final save are: on a large model these
+            # take minutes, during which the progress display stands still
+            self.log(f"step {step}: saving a checkpoint ...")
             with stop_on_divergence(self.run.path, step):  # weights that overflowed
                 save_checkpoint(self.tc, self.run, step)
         if self.evaluate is not None and self.eval_every and step % self.eval_every == 0:
+            self.log(f"step {step}: evaluating ...")
             self.evaluate(step)
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
         """Save the servable model, evaluate it, write ``summary`` (plus ``final_dir``
         and the eval's metrics) as ``summary.json``; return it."""
+        self.log("saving the final model ...")
         with explain_refused_writes(self.run.path / "final", "the final model"):
             final_dir = save_final(self.tc, self.run)
         summary = {**summary, "final_dir": final_dir}
         if self.evaluate is not None:
+            self.log(f"step {self.total_steps}: evaluating the final model ...")
             summary.update(self.evaluate(self.total_steps))
+        # this process's time (a resumed run's: since it resumed), for the run's report
+        summary["wall_s"] = round(time.time() - self.run.started, 1)
         self.run.write_summary(summary)
+        self.run.trackers.close()  # the trackers' runs end as finished
         self.log(f"saved {final_dir}")
         return summary

@@ -38,7 +38,6 @@ from vlmtune.evaluation import evaluate_exact_match
 from vlmtune.recipes.common import (
     Checkpointer,
     LogFn,
-    ProgressBar,
     adam_params,
     batch_indices,
     create_training_client,
@@ -52,7 +51,9 @@ from vlmtune.recipes.common import (
     stop_on_divergence,
     total_steps_for,
 )
+from vlmtune.recipes.eval_records import write_eval_predictions
 from vlmtune.recipes.preflight import check_rows_fit
+from vlmtune.recipes.progress import ProgressBar, dpo_fields
 from vlmtune.render import Renderer, datum_from_rendered
 from vlmtune.render_rows import RenderLimits, render_rows
 from vlmtune.sdk import ServiceClientProtocol, TrainingClientProtocol
@@ -185,6 +186,8 @@ def run(
     else:
         # Before the first optim_step the policy *is* the reference: plain forward is exact.
         t0 = time.perf_counter()
+        n = len(used) + len(val_pairs)
+        log(f"reference log-probs of {n} pairs ...")  # before: a pass over every pair
         as_ref = start_step > 0  # resumed without a cache: the base model recomputes them
         train_P_2 = pair_logps(tc, [pairs[i] for i in used], reference=as_ref)
         cached = {
@@ -192,7 +195,6 @@ def run(
             "validation": pair_logps(tc, val_pairs, reference=as_ref).tolist(),
         }
         run.write_json(REFERENCE_FILE, cached, indent=None)
-        n = len(used) + len(val_pairs)
         log(f"reference log-probs of {n} pairs in {time.perf_counter() - t0:.1f}s")
     ref_P_2 = torch.full((len(pairs), 2), float("nan"))  # NaN: a pair this run never uses
     for i, value in cached["train"].items():
@@ -219,6 +221,7 @@ def run(
         result = evaluate_exact_match(
             tc.create_sampling_client(), sft_rows, max_new_tokens=hp.eval_max_new_tokens
         )
+        write_eval_predictions(run, step, sft_rows, result)  # evals/step-N.jsonl
         record.update({"eval/accuracy": result.accuracy, "eval/n": result.n})
         metrics.write(record)
         log(
@@ -260,7 +263,10 @@ def run(
                     "pairs_per_s": len(idx) / elapsed,
                 }
             )
-            bar.update(step + 1, fb.metrics["loss:sum"], len(data) / elapsed)
+            bar.update(
+                step + 1,
+                dpo_fields(fb.metrics["loss:sum"], last["reward_accuracy"], len(idx), elapsed),
+            )
             every.after_step(step + 1)  # checkpoint, eval
 
     # -- the servable model, its eval, summary.json -----------------------------------

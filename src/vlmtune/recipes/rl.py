@@ -39,7 +39,6 @@ from vlmtune.evaluation import evaluate_exact_match
 from vlmtune.recipes.common import (
     Checkpointer,
     LogFn,
-    ProgressBar,
     adam_params,
     batch_indices,
     create_training_client,
@@ -53,7 +52,9 @@ from vlmtune.recipes.common import (
     stop_on_divergence,
     total_steps_for,
 )
+from vlmtune.recipes.eval_records import write_eval_predictions
 from vlmtune.recipes.preflight import check_rows_fit
+from vlmtune.recipes.progress import MovingAverage, ProgressBar, rl_fields
 from vlmtune.recipes.skipped_groups import SKIP_WARNING_WINDOW, SkippedGroups
 from vlmtune.render_rows import RenderLimits, render_rows
 from vlmtune.rewards import (
@@ -83,6 +84,24 @@ def advantages_or_skip(rewards_G: list[float], normalize_std: bool) -> list[floa
     if max(rewards_G) == min(rewards_G):
         return None
     return losses.group_advantages(torch.tensor(rewards_G), normalize_std=normalize_std).tolist()
+
+
+def reward_spread(rewards: list[float]) -> dict[str, float]:
+    """A step's rewards as five numbers: min, quartiles, max. Nearest rank, never
+    interpolated: each is a reward some sample got, so a reward of a few values
+    (exact match: 0 or 1) keeps to them and its report can show it as shares."""
+    r = sorted(rewards)
+
+    def at(q: float) -> float:
+        return r[round(q * (len(r) - 1))]
+
+    return {
+        "reward_min": r[0],
+        "reward_p25": at(0.25),
+        "reward_median": at(0.5),
+        "reward_p75": at(0.75),
+        "reward_max": r[-1],
+    }
 
 
 def completion_datum(
@@ -217,15 +236,18 @@ def run(
             safe_reward(reward_fn, p["prediction"], row_dict(r.messages, r.metadata, r.line))[0]
             for p, r in zip(result.predictions, eval_rows, strict=True)
         ]
+        write_eval_predictions(run, step, sft_rows, result, scores)  # evals/step-N.jsonl
         record: dict[str, Any] = {"step": step, "eval/reward": sum(scores) / max(1, len(scores))}
         if all("answer" in r.metadata for r in eval_rows):
             record["eval/accuracy"] = result.accuracy
         record["eval/n"] = result.n
         metrics.write(record)
-        log(
-            f"eval @ step {step}: "
-            + "  ".join(f"{k} {v:.3f}" for k, v in record.items() if "/" in k)
+        shown = "  ".join(
+            f"{k} {record['eval/' + k]:.3f}"
+            for k in ("reward", "accuracy")
+            if "eval/" + k in record
         )
+        log(f"eval @ step {step}: {shown} (n={result.n})")  # as SFT's and DPO's
         return record
 
     every = Checkpointer(
@@ -234,7 +256,9 @@ def run(
 
     # -- the loop -------------------------------------------------------------------
     last: dict[str, Any] = {}
-    with ProgressBar(total_steps, start_step, "rl", label="reward") as bar:
+    # over the steps the skipped-group warning looks at: one step's groups are few
+    reward_avg, skipped_avg = MovingAverage(SKIP_WARNING_WINDOW), MovingAverage(SKIP_WARNING_WINDOW)
+    with ProgressBar(total_steps, start_step, "rl") as bar:
         for step in range(start_step, total_steps):
             t0 = time.perf_counter()
             idx = batch_indices(step, len(prompts), rl.prompts_per_step, hp.seed)
@@ -323,7 +347,7 @@ def run(
                 "step": step + 1,
                 "loss": fb_metrics.get("loss:sum", 0.0),
                 "reward_mean": sum(rewards) / len(rewards),
-                "reward_max": max(rewards),
+                **reward_spread(rewards),  # the step's distribution, for the run's report
                 "frac_groups_skipped": len(skipped_rewards) / len(idx),
                 "completion_len_mean": n_sampled / len(seqs),
                 "frac_truncated": sum(s.stop_reason == "length" for s in seqs) / len(seqs),
@@ -338,7 +362,16 @@ def run(
                 "step_s": time.perf_counter() - t0,
             }
             metrics.write(last)
-            bar.update(step + 1, last["reward_mean"], len(seqs) / last["step_s"])
+            bar.update(
+                step + 1,
+                rl_fields(
+                    reward_avg.add(sum(rewards), len(rewards)),
+                    skipped_avg.add(len(skipped_rewards), len(idx)),
+                    len(reward_avg),
+                    len(seqs),
+                    last["step_s"],
+                ),
+            )
             every.after_step(step + 1)  # checkpoint, eval
 
     # -- the servable model, its eval, summary.json -----------------------------------

@@ -5,6 +5,7 @@ each one whole or not at all.
     validation_report.json   {"train": ValidationReport, "validation": ...}: what was kept
     metrics.jsonl            one JSON object per optimizer step or eval (MetricsLog)
     summary.json             the run's final numbers
+    trackers.json            the run ids of [logging] report_to's trackers (``trackers.py``)
     checkpoints/step-N.remote, reference_logps.json, ...   (``write_text``/``write_json``)
 
 Under torchrun every rank runs the same loop and computes the same records; only
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from vlmtune.atomic import atomic_write, explain_refused_writes
 from vlmtune.config import JobFile, dump_toml
 from vlmtune.data.report import ValidationReport
 from vlmtune.engine.distributed import is_main_process
+from vlmtune.recipes.trackers import Trackers, start_trackers
 
 CONFIG_FILE = "config.toml"
 REPORT_FILE = "validation_report.json"
@@ -49,8 +52,12 @@ class RunDir:
         self.path = path
         self.main = is_main_process() if main is None else main
         self.log = log
+        # when this process began the run (a resumed one: when it resumed); summary's wall_s
+        self.started = time.time()
         # The checkpoint --resume loads (``recipes.common.prepare`` chooses it).
         self.resume_from: str | None = None
+        # [logging] report_to's trackers, fed by ``metrics()``; started by ``start_trackers``.
+        self.trackers = Trackers(log=log)
         # Every rank: checkpoint shards are written into it by all of them.
         with explain_refused_writes(path, "the run directory"):
             path.mkdir(parents=True, exist_ok=True)
@@ -72,6 +79,13 @@ class RunDir:
         """``config.toml``: the job as it runs, a file ``vlmtune train`` runs again."""
         self.write_text(CONFIG_FILE, dump_toml(job))
 
+    def start_trackers(self, job: JobFile) -> None:
+        """Start the job's trackers (main process only; a resume from a checkpoint
+        continues their runs): a ``ConfigError`` for one that cannot start. Call it
+        after choosing ``resume_from`` and before the model loads."""
+        if self.main:
+            self.trackers = start_trackers(job, self.path, self.resume_from is not None, self.log)
+
     def write_report(self, train: ValidationReport, validation: ValidationReport | None) -> None:
         """``validation_report.json``: the rows each file kept and dropped, and why."""
         report = {"train": train.to_dict()}
@@ -84,8 +98,12 @@ class RunDir:
         self.write_text(SUMMARY_FILE, strict_json(summary, indent=2) + "\n")
 
     def metrics(self, resume_step: int | None, total_steps: int | None = None) -> MetricsLog:
-        """The run's ``metrics.jsonl``, cut back to ``resume_step`` on a resume."""
-        return MetricsLog(self.path / METRICS_FILE, resume_step, total_steps, self.main, self.log)
+        """The run's ``metrics.jsonl``, cut back to ``resume_step`` on a resume; every
+        record also goes to the run's trackers."""
+        self.trackers.begin(resume_step or 0)
+        return MetricsLog(
+            self.path / METRICS_FILE, resume_step, total_steps, self.main, self.log, self.trackers
+        )
 
 
 class MetricsLog:
@@ -96,6 +114,7 @@ class MetricsLog:
     appended one whole line at a time; a reader takes only lines that end in a newline.
     A process killed (or a disk filled) mid-append leaves a last line without its
     newline: a resume drops it, says so through ``log``, and appends on a fresh line.
+    Each record written also goes to ``trackers`` (``[logging] report_to``).
     """
 
     def __init__(
@@ -105,9 +124,11 @@ class MetricsLog:
         total_steps: int | None = None,
         main: bool | None = None,
         log: Callable[[str], object] = print,
+        trackers: Trackers | None = None,
     ) -> None:
         self.path = path
         self.total_steps = total_steps
+        self.trackers = trackers if trackers is not None else Trackers(log=log)
         # other ranks compute the same records
         self.enabled = is_main_process() if main is None else main
         if not self.enabled:
@@ -157,6 +178,7 @@ class MetricsLog:
         what = f"the metrics of step {record['step']}" if "step" in record else "the metrics"
         with explain_refused_writes(self.path, what), self.path.open("a", encoding="utf-8") as f:
             f.write(strict_json(record) + "\n")
+        self.trackers.log(record)  # after the line: the file stays the record of truth
 
 
 def _is_record(line: str) -> bool:

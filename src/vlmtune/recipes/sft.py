@@ -23,7 +23,6 @@ from vlmtune.evaluation import evaluate_exact_match
 from vlmtune.recipes.common import (
     Checkpointer,
     LogFn,
-    ProgressBar,
     adam_params,
     batch_indices,
     create_training_client,
@@ -36,7 +35,9 @@ from vlmtune.recipes.common import (
     stop_on_divergence,
     total_steps_for,
 )
+from vlmtune.recipes.eval_records import write_eval_predictions
 from vlmtune.recipes.preflight import check_rows_fit
+from vlmtune.recipes.progress import ProgressBar, sft_fields
 from vlmtune.render import datum_from_rendered
 from vlmtune.render_rows import RenderLimits, render_rows
 from vlmtune.sdk import (
@@ -99,9 +100,9 @@ def run(
     def evaluate(step: int) -> dict[str, Any]:
         record: dict[str, Any] = {"step": step, "eval/loss": validation_loss(tc, val_datums)}
         sampler = tc.create_sampling_client()
-        result = evaluate_exact_match(
-            sampler, val_rows[: hp.eval_max_examples], max_new_tokens=hp.eval_max_new_tokens
-        )
+        eval_rows = val_rows[: hp.eval_max_examples]
+        result = evaluate_exact_match(sampler, eval_rows, max_new_tokens=hp.eval_max_new_tokens)
+        write_eval_predictions(run, step, eval_rows, result)  # evals/step-N.jsonl
         record.update({"eval/accuracy": result.accuracy, "eval/n": result.n})
         metrics.write(record)
         log(
@@ -149,7 +150,7 @@ def run(
                     ),
                 }
             )
-            bar.update(step + 1, last_loss, len(batch) / elapsed)
+            bar.update(step + 1, sft_fields(last_loss, len(batch), n_positions, elapsed))
             every.after_step(step + 1)  # checkpoint, eval
 
     # -- the servable model, its eval, summary.json -----------------------------------

@@ -166,6 +166,11 @@ class JobsClient:
                 yield out["job"], None
                 return
 
+    def report_link(self, job_id: str) -> dict[str, Any]:
+        """``{"url", "expires_at"}``: the job's report page, with a token a browser
+        opens it by (no key needed, that page only, for a day)."""
+        return self.t.get(f"/v1/jobs/{job_id}/report_link")
+
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self.t.post(f"/v1/jobs/{job_id}/cancel")
 

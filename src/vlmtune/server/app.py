@@ -39,6 +39,7 @@ from vlmtune.server.fireworks import account_scope
 from vlmtune.server.inference import ModelPool
 from vlmtune.server.jobs import JobRunner
 from vlmtune.server.openapi import ERROR_RESPONSES, json_body, openapi_schema
+from vlmtune.server.report_links import ReportLinks, load_secret
 from vlmtune.server.runs import RunManager
 from vlmtune.server.samplers import SamplerManager
 from vlmtune.server.store import Store
@@ -215,7 +216,14 @@ def create_app(config: ServerConfig) -> GateMiddleware:
         return _error(500, f"internal error: {type(e).__name__}: {e}")
 
     checker = KeyChecker(c.store, config.api_keys_file)
-    app = GateMiddleware(AnsweredOnce(TrainerPrefix(api)), checker, int(config.max_body_mb * 2**20))
+    links = ReportLinks(load_secret(config.data_dir))  # report pages a browser opens
+    api.state.report_links = links
+    app = GateMiddleware(
+        AnsweredOnce(TrainerPrefix(api)),
+        checker,
+        int(config.max_body_mb * 2**20),
+        links.check_scope,
+    )
     app.state = api.state  # so callers holding the outer app reach the context
     return app
 

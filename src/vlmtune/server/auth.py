@@ -238,23 +238,33 @@ class GateMiddleware:
     # reach the server context through it.
     state: State
 
-    def __init__(self, app: ASGIApp, checker: KeyChecker, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        checker: KeyChecker,
+        max_body_bytes: int,
+        links: Callable[[Scope], Identity | str | None] | None = None,
+    ) -> None:
         self.app = app
         self.checker = checker
         self.max_body = max_body_bytes
+        # A request with no key may carry a report link's token (report_links.py): the
+        # identity it grants for that one path, why it grants none, or None (no token).
+        self.links = links
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         if scope["path"] not in PUBLIC_PATHS:
-            identity = self.checker.identify(key_from_headers(scope.get("headers", [])))
+            key = key_from_headers(scope.get("headers", []))
+            identity = self.checker.identify(key)
+            link = self.links(scope) if key is None and self.links is not None else None
+            if identity is None and isinstance(link, Identity):
+                identity = link
             if identity is None:
-                await _send_json(
-                    send,
-                    401,
-                    {"detail": "missing or invalid API key (send Authorization: Bearer <key>)"},
-                )
+                why = link or "missing or invalid API key (send Authorization: Bearer <key>)"
+                await _send_json(send, 401, {"detail": why})
                 return
             scope = dict(scope)
             scope[IDENTITY_SCOPE_KEY] = identity

@@ -21,7 +21,10 @@ Writes. A job writes only in its own folder, ``<data-dir>/jobs/<id>/``. The run
 directory is always ``run/`` there (``--output``; ``job.output_dir`` is set to the job's
 folder, so the stored config says so). A relative ``training.image_cache_dir`` lands in
 the job's folder; an absolute one, or one whose ``..`` climbs out, is refused rather
-than moved, so that nobody looks for files where the server never wrote them.
+than moved, so that nobody looks for files where the server never wrote them. So is
+a ``logging.log_dir`` (TensorBoard) outside it, and an MLflow store on the server's
+disk (``logging.mlflow_tracking_uri`` other than an http(s) server); a tracker not
+installed on the server is refused at submission.
 
 Code. ``rl.reward`` must be a built-in reward: ``module:function`` and
 ``file.py:function`` would run code the submitter chose inside the server's worker.
@@ -225,7 +228,9 @@ def _write_problems(job: JobFile, job_dir: Path) -> list[str]:
             )
         else:
             job.training.image_cache_dir = str(placed)
-    return problems
+    from vlmtune.recipes.trackers import server_job_problems  # [logging]'s writes, installs
+
+    return problems + server_job_problems(job, job_dir)
 
 
 def _reward_problems(job: JobFile) -> list[str]:

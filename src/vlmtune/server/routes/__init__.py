@@ -3,8 +3,9 @@
 ``tinker`` (runs, primitives, sampling, futures), ``service`` (sessions, listings,
 capabilities), ``jobs`` (the job control plane), ``files`` (uploads jobs read),
 ``openai`` (chat completions), ``fireworks`` (the Fireworks training control plane),
-``deployments`` (its deployments: hot-load and completions, for RL) and ``synth`` (the
-hosted Qwen3-VL trainer's CLI: uploads and learning jobs under ``/api``).
+``deployments`` (its deployments: hot-load and completions, for RL), ``synth`` (the
+hosted Qwen3-VL trainer's CLI: uploads and learning jobs under ``/api``) and ``report``
+(a job's report page, and links a browser opens it by).
 """
 
 from vlmtune.server.routes import (
@@ -13,6 +14,7 @@ from vlmtune.server.routes import (
     fireworks,
     jobs,
     openai,
+    report,
     service,
     synth,
     tinker,
@@ -27,6 +29,7 @@ ROUTERS = (
     fireworks.router,
     deployments.router,
     synth.router,
+    report.router,
 )
 
 __all__ = ["ROUTERS"]
