@@ -195,6 +195,13 @@ PROBES: dict[tuple[str, str], list[Probe]] = {
     ("GET", "/v1/jobs/{job_id}/report_link"): [
         ("GET", "/v1/jobs/{toml_job}/report_link", None, 404),
     ],
+    # A run's report page (its recorded optim_steps) and its link.
+    ("GET", "/api/v1/training_runs/{run_id}/report"): [
+        ("GET", "/api/v1/training_runs/{run}/report", None, 404),
+    ],
+    ("GET", "/api/v1/training_runs/{run_id}/report_link"): [
+        ("GET", "/api/v1/training_runs/{run}/report_link", None, 404),
+    ],
     ("GET", "/v1/files/{file_id}"): [
         ("GET", "/v1/files/{file}", None, 404),
     ],

@@ -9,6 +9,7 @@ from vlmtune.cli import data as data_cli
 from vlmtune.cli import models as models_cli
 from vlmtune.cli import plan as plan_cli
 from vlmtune.cli import report as report_cli
+from vlmtune.cli import runs as runs_cli
 from vlmtune.cli import serve as serve_cli
 from vlmtune.cli import tasks as tasks_cli
 from vlmtune.cli import train as train_cli
@@ -27,6 +28,7 @@ train_cli.register(app)
 plan_cli.register(app)
 serve_cli.register(app)
 report_cli.register(app)
+runs_cli.register(app)
 agent_cli.register(app)
 
 

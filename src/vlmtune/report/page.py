@@ -109,6 +109,9 @@ def header(run: RunData, status: str) -> str:
             )
             out.append(f"<details><summary>{len(rest)} more in summary.json</summary>"
                        f"<table>{rows}</table></details>")  # fmt: skip
+    elif run.client_loop:
+        out.append(f'<p class="note">The server records each optimizer step your loop '
+                   f"makes: {last:,} so far. It runs no evals and writes no summary.</p>")  # fmt: skip
     elif status != "finished":
         out.append(f'<p class="note">No summary.json yet: the run is {e(status)}; '
                    f"the curves show its {last:,} steps so far.</p>")  # fmt: skip
@@ -338,15 +341,10 @@ def render_page(run: RunData, status: str | None = None) -> str:
         else ""
     )
     made = time.strftime("%Y-%m-%d %H:%M", time.localtime())
-    body = "\n".join(
-        [
-            header(run, status),
-            curves(run),
-            evaluation(run),
-            data_section(run),
-            settings_section(run),
-        ]  # fmt: skip
-    )
+    sections = [header(run, status), curves(run)]
+    if not run.client_loop:  # a job's: what a client's loop does not have
+        sections += [evaluation(run), data_section(run), settings_section(run)]
+    body = "\n".join(sections)
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'

@@ -249,11 +249,13 @@ TRAIN_FIGURES: tuple[Callable[[RunData], Figure | None], ...] = (
     dpo_rewards_figure,
     reward_accuracy_figure,
     simple([("learning_rate", "learning rate")], "Learning rate",
-           "The learning rate of each optimizer step: warmup, then the schedule's decay.",
+           "The learning rate of each optimizer step: a job's warmup and schedule, or what "
+           "a client's loop sent.",
            smooth=False, log_y=False),
     simple([("grad_norm", "gradient norm")], "Gradient norm",
-           "Global L2 norm of each step's gradient, before clipping to "
-           "hyperparameters.max_grad_norm. Spikes come before divergence.",
+           "Global L2 norm of each step's gradient, before clipping (a job's "
+           "hyperparameters.max_grad_norm, a client's grad_clip_norm). Spikes come before "
+           "divergence.",
            y_label="norm"),
     simple([("examples_per_s", "examples/s")], "Throughput",
            "Examples trained per second, each step.", y_label="examples/s"),
@@ -262,7 +264,7 @@ TRAIN_FIGURES: tuple[Callable[[RunData], Figure | None], ...] = (
     simple([("tokens_per_s", "tokens/s")], "Tokens per second",
            "Positions (prompt, answer and image tokens) processed per second, each step."),
     simple([("sample_s", "sampling"), ("step_s", "whole step")], "Seconds per step",
-           "Wall time of each RL step, and the part spent sampling the groups.",
+           "Wall time of each step (RL: and the part spent sampling the groups).",
            y_label="seconds"),
     simple([("completion_len_mean", "mean completion length")], "Completion length",
            "Mean tokens per sampled completion, each step.", y_label="tokens"),

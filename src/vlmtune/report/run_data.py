@@ -79,6 +79,9 @@ class RunData:
     predictions: Predictions | None = None
     broken_lines: list[int] = field(default_factory=list)  # metrics lines not JSON objects
     last_write: float | None = None  # when metrics.jsonl last changed (epoch seconds)
+    # A server's Tinker-protocol run: the client's own loop, recorded step by step by the
+    # server; it has no job, data report, evals or summary, so the page leaves them out.
+    client_loop: bool = False
 
     @property
     def name(self) -> str:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import quote
 
 import httpx
 
@@ -368,6 +369,15 @@ class HttpTrainingClient(_RendererMixin):
 
     def list_checkpoints(self) -> list[dict[str, Any]]:
         return self.t.get(f"/api/v1/training_runs/{self.model_id}/checkpoints")["checkpoints"]
+
+    def report_link(self) -> dict[str, Any]:
+        """``{"url", "expires_at"}``: this run's report page (a curve of each recorded
+        ``optim_step``), with a token a browser opens it by (no key, that page, a day)."""
+        return run_report_link(self.t, self.model_id)
+
+
+def run_report_link(transport: HttpTransport, run_id: str) -> dict[str, Any]:
+    return transport.get(f"/api/v1/training_runs/{quote(run_id)}/report_link")
 
 
 def _message_json(m: Message | dict[str, Any]) -> dict[str, Any]:

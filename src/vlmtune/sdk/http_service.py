@@ -15,7 +15,12 @@ from typing import Any
 
 from vlmtune.engine.engine import HOST_SETTINGS, RUN_SETTINGS, EngineConfig
 from vlmtune.protocol.paths import is_tinker_path
-from vlmtune.sdk.http import HttpSamplingClient, HttpTrainingClient, HttpTransport
+from vlmtune.sdk.http import (
+    HttpSamplingClient,
+    HttpTrainingClient,
+    HttpTransport,
+    run_report_link,
+)
 from vlmtune.types import lora_rank_of, mode_for
 
 # Host settings a remote run leaves to the server without complaint: the device is the
@@ -105,6 +110,11 @@ class HttpServiceClient:
         """A client for an existing run (e.g. after a restart: it reloads its last state)."""
         info = self.transport.post("/api/v1/get_info", {"model_id": model_id})
         return HttpTrainingClient(self.transport, model_id, info)
+
+    def report_link(self, run_id: str) -> dict[str, Any]:
+        """``{"url", "expires_at"}``: run ``run_id``'s report page, with a token a
+        browser opens it by (no key, that page only, for a day)."""
+        return run_report_link(self.transport, run_id)
 
     def create_sampling_client(self, base_model: str, **engine_kwargs: Any) -> HttpSamplingClient:
         """Sample from a base model, or a saved checkpoint given as ``tinker://run/...``."""

@@ -2,7 +2,7 @@
 
 A browser cannot send ``Authorization: Bearer``, and an API key in a URL would land in
 browser history, proxy logs and screenshots with all of its power. A link token grants
-one thing: ``GET`` of the one path it was made for (a job's report page), as the key
+one thing: ``GET`` of the one path it was made for (a job's or a run's report page), as the key
 that asked for it (its tenant, or an operator), until it expires (``LINK_TTL_S``).
 
     GET /v1/jobs/<id>/report_link   (with a key)  -> {"url": ".../report?token=...", ...}
@@ -78,7 +78,10 @@ class ReportLinks:
         if not hmac.compare_digest(signature, self._signature(path, fields)):
             return "this report link is not valid for this page (or this server)"
         if int(expires) < (time.time() if now is None else now):
-            return "this report link has expired: ask for a new one (vlmtune jobs report <id>)"
+            return (
+                "this report link has expired: ask for a new one "
+                "(vlmtune jobs report <id>, or vlmtune runs report <run id>)"
+            )
         return Identity(tenant, operator == "1")
 
     def check_scope(self, scope: Scope) -> Identity | str | None:

@@ -29,6 +29,7 @@ from vlmtune.protocol.paths import tinker_path
 from vlmtune.server.inference import forward_all_positions
 from vlmtune.server.run_checkpoints import find_checkpoint
 from vlmtune.server.run_config import check_compatible, check_name, engine_config, model_pixels
+from vlmtune.server.run_metrics import RunMetrics
 from vlmtune.server.store import Store
 from vlmtune.server.validate import InputValidator
 from vlmtune.server.workers import FutureRegistry, SeqWorker
@@ -71,6 +72,11 @@ class Run:
     # what ``grad_accumulation_normalization`` divides the gradients by.
     loss_tokens: int = 0
     loss_sequences: int = 0
+    # metrics.jsonl in ``dir``: a record per optim_step, for the run's report page
+    recorder: RunMetrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.recorder = RunMetrics(self.dir, self.id)
 
     @property
     def is_lora(self) -> bool:
@@ -260,6 +266,7 @@ class RunManager:
                 raise
             run.loss_tokens += tokens
             run.loss_sequences += sequences
+            run.recorder.forward_backward(datums, out.metrics)
             return out
 
         return task
@@ -288,6 +295,7 @@ class RunManager:
             out = engine.optim_step(params)
             run.version += 1
             self.store.touch_run(run.id, engine.step)
+            run.recorder.optim_step(engine.step, params, out.metrics)
             # Namespaced: a client's loop merges these into its own metrics, where a plain
             # "step" would overwrite its step counter (tinker-cookbook's does).
             return {"metrics": {**out.metrics, OPTIM_STEP_METRIC: engine.step}}
