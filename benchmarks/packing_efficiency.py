@@ -38,7 +38,8 @@ def digits_lengths() -> list[int]:
     from vlmtune.models.loading import load_processor
     from vlmtune.models.tiny import tiny_model_dir
     from vlmtune.models.vision import ImagePreprocessor
-    from vlmtune.render import Renderer, build_sft_datums
+    from vlmtune.render import Renderer
+    from vlmtune.render_rows import build_sft_datums
 
     processor = load_processor(tiny_model_dir(), 4096, 4096)
     renderer = Renderer.from_processor(processor, ImagePreprocessor.from_processor(processor))

@@ -84,7 +84,7 @@ def run_vlmtune(name: str, examples: int, batch: int, threads: int, profile: boo
     from vlmtune.data import load_dataset
     from vlmtune.engine.prefetch import prefetch_images
     from vlmtune.recipes.common import learning_rate_at
-    from vlmtune.render import build_sft_datums
+    from vlmtune.render_rows import build_sft_datums
     from vlmtune.sdk import AdamParams, ServiceClient, scale_weights, weighted_token_count
 
     imports_mib = rss_mib()

@@ -12,11 +12,11 @@ from vlmtune.models.tiny import tiny_model_dir
 from vlmtune.models.vision import ImagePreprocessor
 from vlmtune.render import (
     Renderer,
-    build_sft_datums,
     datum_from_rendered,
     image_format,
     split_prompt_and_answer,
 )
+from vlmtune.render_rows import build_sft_datums
 from vlmtune.types import EncodedTextChunk, ImageChunk
 
 IM_START, IM_END, IMAGE_PAD = 151644, 151645, 151655
@@ -186,7 +186,7 @@ def test_image_format() -> None:
 def test_control_tokens_in_message_text_drop_the_row_with_a_reason(renderer):
     from tests.conftest import assistant, image_part, user
     from vlmtune.data.schema import SFTRow
-    from vlmtune.render import build_sft_datums
+    from vlmtune.render_rows import build_sft_datums
 
     rows = [
         SFTRow(1, [user("look <|image_pad|> here"), assistant("ok")]),

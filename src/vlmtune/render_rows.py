@@ -6,18 +6,22 @@ the same settings and the same ``RenderLimits``, so validation and training drop
 same rows for the same reasons: a chat control token in the text, an image the
 processor refuses (its aspect ratio), too long for ``sequence_length``, or nothing to
 train on. Images over the per-message cap cost the image, never the row.
+
+``build_sft_datums`` applies the same checks to SFT rows straight to Datums, with a
+``RenderReport`` of what it kept and dropped by line (benchmarks and tests use it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from vlmtune.data.errors import RowError
 from vlmtune.data.report import ValidationReport
-from vlmtune.data.schema import PreferenceRow, RLRow, Row, RowKind, row_images
-from vlmtune.render import Rendered, Renderer, TrainOn
+from vlmtune.data.schema import PreferenceRow, RLRow, Row, RowKind, SFTRow, row_images
+from vlmtune.render import Rendered, Renderer, TrainOn, datum_from_rendered
+from vlmtune.types import Datum
 
 if TYPE_CHECKING:
     from vlmtune.config import JobFile
@@ -145,6 +149,76 @@ def render_rows(
     rows: Iterable[Row], renderer: Renderer, limits: RenderLimits, report: ValidationReport
 ) -> list[RenderedRow]:
     return list(iter_rendered(rows, renderer, limits, report))
+
+
+@dataclass
+class RenderReport:
+    """What ``build_sft_datums`` kept and dropped, by source line number."""
+
+    total: int = 0
+    kept: int = 0
+    dropped_too_long: list[tuple[int, int]] = field(default_factory=list)  # (line, tokens)
+    dropped_no_weight: list[int] = field(default_factory=list)
+    dropped_invalid: list[tuple[int, str]] = field(default_factory=list)  # (line, reason)
+    images_dropped: int = 0
+    images_dropped_lines: list[int] = field(default_factory=list)
+
+    @property
+    def dropped(self) -> int:
+        return len(self.dropped_too_long) + len(self.dropped_no_weight) + len(self.dropped_invalid)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "total": self.total,
+            "kept": self.kept,
+            "dropped_too_long": [{"line": ln, "tokens": n} for ln, n in self.dropped_too_long],
+            "dropped_no_weight": list(self.dropped_no_weight),
+            "dropped_invalid": [{"line": ln, "reason": r} for ln, r in self.dropped_invalid],
+            "images_dropped": self.images_dropped,
+            "images_dropped_lines": list(self.images_dropped_lines),
+        }
+
+    def summary(self) -> str:
+        return (
+            f"{self.kept}/{self.total} examples kept; dropped {len(self.dropped_too_long)} too long, "
+            f"{len(self.dropped_no_weight)} with no trained tokens, {len(self.dropped_invalid)} "
+            f"invalid; {self.images_dropped} images dropped in {len(self.images_dropped_lines)} rows"
+        )
+
+
+def build_sft_datums(
+    rows: Iterable[SFTRow],
+    renderer: Renderer,
+    *,
+    sequence_length: int,
+    train_on: TrainOn = "all_assistant",
+) -> tuple[list[Datum], RenderReport]:
+    """Render rows into Datums. A row whose Datum input would exceed ``sequence_length``
+    tokens (rendered length - 1) is dropped and reported, never truncated.
+
+    The checks are ``render_row``'s, the ones training and ``vlmtune data validate
+    --config`` apply.
+    """
+    limits = RenderLimits(sequence_length=sequence_length, train_on=train_on)
+    datums: list[Datum] = []
+    report = RenderReport()
+    for row in rows:
+        report.total += 1
+        result = render_row(row, renderer, limits)
+        if result.images_dropped:
+            report.images_dropped += result.images_dropped
+            report.images_dropped_lines.append(row.line)
+        problem = result.problem
+        if problem is None:
+            datums.append(datum_from_rendered(result.sides[0], renderer.image_token_id))
+            report.kept += 1
+        elif problem.category == TOO_LONG:
+            report.dropped_too_long.append((row.line, result.length))
+        elif problem.category == NO_WEIGHT:
+            report.dropped_no_weight.append(row.line)
+        else:
+            report.dropped_invalid.append((row.line, str(problem)))
+    return datums, report
 
 
 def build_renderer(
