@@ -15,7 +15,9 @@ The job: ``tiny-qwen3-vl``, full fine-tuning with the vision tower and projector
 trained and the tied embedding frozen (as ``sft_throughput.py``'s matched
 configuration), AdamW, effective batch ``--batch``. ``packed`` packs each step's
 examples into rows of ``--seq-len`` tokens; ``unpacked`` runs one example per
-micro-batch (the engine's default without packing: no padding at all). Each
+micro-batch (the engine's default without packing: no padding at all); ``padded``
+(ask for it with ``--configs packed,unpacked,padded``) runs ``--padded-batch`` examples
+per micro-batch, right-padded to the longest, as padded batching does elsewhere. Each
 configuration runs in its own process, the two interleaved ``--repeat`` times; step 1 is
 warm-up and not timed. Peak memory: the process's peak RSS, also above its RSS after
 ``import torch``+vlmtune (what the run itself adds); on CUDA also
@@ -35,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-CONFIGS = ("packed", "unpacked")
+CONFIGS = ("packed", "unpacked")  # the default comparison; "padded" on request
 _WORDS = (
     "the of and to in is was for on that with as by at from his her an were are which "
     "this be or had not but one all they their has been have we more who its also new "
@@ -124,7 +126,8 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
             device="cuda" if cuda else "cpu",
             packing=name == "packed",
             max_row_tokens=args.seq_len,
-            micro_batch_size=1,
+            # "padded": several examples per micro-batch, padded to the longest of them
+            micro_batch_size=args.padded_batch if name == "padded" else 1,
         )
     )
     scale = args.length_scale or args.seq_len / 2048
@@ -223,7 +226,8 @@ def main() -> None:
         help="MIN,MAX image side in pixels (multiples of 32)",
     )
     p.add_argument("--profile", action="store_true", help="time each phase of a step")
-    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--configs", default=",".join(CONFIGS), help="of packed, unpacked, padded")
+    p.add_argument("--padded-batch", type=int, default=4, help="examples per padded micro-batch")
     p.add_argument(
         "--compare-src",
         default=None,
@@ -242,6 +246,7 @@ def main() -> None:
         *("--image-px", ",".join(map(str, args.image_px))),
         *(["--length-scale", str(args.length_scale)] if args.length_scale else []),
         *(["--profile"] if args.profile else []),
+        *("--padded-batch", str(args.padded_batch)),
     ]
     results = []
     sources = [(None, "")] + ([(args.compare_src, "@base")] if args.compare_src else [])
@@ -268,13 +273,15 @@ def main() -> None:
             f"  peak RSS {r['peak_rss_mib']:5.0f} MiB"
         )
     for _, tag in sources:
-        a, b = best.get("packed" + tag), best.get("unpacked" + tag)
-        if a and b:
-            print(
-                f"packed{tag} / unpacked{tag}: {a['examples_per_s'] / b['examples_per_s']:.2f}x ex/s, "
-                f"{a['examples_per_cpu_s'] / b['examples_per_cpu_s']:.2f}x ex/CPU-s, "
-                f"{a['peak_rss_mib'] / b['peak_rss_mib']:.2f}x peak RSS"
-            )
+        for other in ("unpacked", "padded"):
+            a, b = best.get("packed" + tag), best.get(other + tag)
+            if a and b:
+                print(
+                    f"packed{tag} / {other}{tag}: "
+                    f"{a['examples_per_s'] / b['examples_per_s']:.2f}x ex/s, "
+                    f"{a['examples_per_cpu_s'] / b['examples_per_cpu_s']:.2f}x ex/CPU-s, "
+                    f"{a['peak_rss_mib'] / b['peak_rss_mib']:.2f}x peak RSS"
+                )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
