@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.recipes.test_sft import write_rows
+from tests.tiny_job import tiny_job
 from vlmtune.atomic import clean_leftovers
 from vlmtune.cli import app
 from vlmtune.engine.checkpoint import checkpoint_problem, state_differences
@@ -29,24 +30,10 @@ def write_job(folder: Path, extra: str = "") -> Path:
     write_rows(folder / "train.jsonl", 4)
     toml = folder / "job.toml"
     toml.write_text(
-        f"""
-[algorithm]
-variety = "lora"
-[job]
-model = "tiny-qwen3-vl"
-data = "train.jsonl"
-[hyperparameters]
-n_epochs = 3
-gradient_accumulation_steps = 8
-sequence_length = 128
-save_every = 1
-[lora]
-r = 4
-[model]
-min_pixels = 4096
-max_pixels = 4096
-{extra}
-"""
+        tiny_job(
+            hyperparameters="n_epochs = 3\ngradient_accumulation_steps = 8\nsave_every = 1",
+            extra=extra,
+        )
     )
     return toml
 

@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from tests.conftest import png_data_url
+from tests.tiny_job import tiny_job
 from vlmtune.cli import app
 
 runner = CliRunner()
@@ -48,27 +49,13 @@ def job_file(tmp_path: Path, variety: str = "lora", extra: str = "") -> Path:
     write_rows(tmp_path / "val.jsonl", 3)
     toml = tmp_path / "job.toml"
     toml.write_text(
-        f"""
-[algorithm]
-variety = "{variety}"
-[job]
-model = "tiny-qwen3-vl"
-data = "train.jsonl"
-validation_data = "val.jsonl"
-[hyperparameters]
-n_epochs = 2
-gradient_accumulation_steps = 4
-learning_rate = 5e-3
-sequence_length = 128
-save_every = 2
-eval_max_new_tokens = 3
-[lora]
-r = 4
-[model]
-min_pixels = 4096
-max_pixels = 4096
-{extra}
-"""
+        tiny_job(
+            algorithm=f'variety = "{variety}"',
+            job='validation_data = "val.jsonl"',
+            hyperparameters="n_epochs = 2\ngradient_accumulation_steps = 4\nlearning_rate = 5e-3\n"
+            "save_every = 2\neval_max_new_tokens = 3",
+            extra=extra,
+        )
     )
     return toml
 

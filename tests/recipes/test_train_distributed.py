@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.conftest import png_data_url
+from tests.tiny_job import tiny_job
 from vlmtune.cli import app
 
 runner = CliRunner()
@@ -32,28 +33,12 @@ def write_job(tmp_path: Path, extra: str = "") -> Path:
     (tmp_path / "val.jsonl").write_text("\n".join(rows[:3]) + "\n")
     toml = tmp_path / "job.toml"
     toml.write_text(
-        f"""
-[algorithm]
-variety = "lora"
-[job]
-model = "tiny-qwen3-vl"
-data = "train.jsonl"
-validation_data = "val.jsonl"
-[hyperparameters]
-n_epochs = 2
-gradient_accumulation_steps = 4
-learning_rate = 5e-3
-sequence_length = 128
-save_every = 2
-max_steps = 3
-eval_max_new_tokens = 2
-[lora]
-r = 4
-[model]
-min_pixels = 4096
-max_pixels = 4096
-{extra}
-"""
+        tiny_job(
+            job='validation_data = "val.jsonl"',
+            hyperparameters="n_epochs = 2\ngradient_accumulation_steps = 4\nlearning_rate = 5e-3\n"
+            "save_every = 2\nmax_steps = 3\neval_max_new_tokens = 2",
+            extra=extra,
+        )
     )
     return toml
 

@@ -12,29 +12,16 @@ from typer.testing import CliRunner
 from tests.conftest import png_data_url
 from tests.recipes.test_sft import write_rows
 from tests.server.test_job_progress import assert_events_are_the_metrics
+from tests.tiny_job import tiny_job
 from vlmtune.cli import app
 from vlmtune.cli.serve import submit_job
 from vlmtune.sdk.jobs import JobsClient
 
 runner = CliRunner()
-JOB = """
-[algorithm]
-variety = "lora"
-[job]
-model = "tiny-qwen3-vl"
-data = "train.jsonl"
-name = "Digits SFT"
-[hyperparameters]
-n_epochs = 1
-learning_rate = 5e-3
-sequence_length = 128
-save_every = 1
-[lora]
-r = 4
-[model]
-min_pixels = 4096
-max_pixels = 4096
-"""
+JOB = tiny_job(
+    job='name = "Digits SFT"',
+    hyperparameters="n_epochs = 1\nlearning_rate = 5e-3\nsave_every = 1",
+)
 
 
 def job_file(tmp_path: Path) -> Path:

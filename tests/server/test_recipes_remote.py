@@ -14,51 +14,36 @@ import pytest
 from tests.recipes.test_dpo import write_pairs
 from tests.recipes.test_rl import REWARD_FILE, write_prompts
 from tests.recipes.test_sft import write_rows
+from tests.tiny_job import tiny_job
 from vlmtune.config import JobFile, load_job
 from vlmtune.recipes import dpo, rl, sft
 from vlmtune.recipes.common import latest_checkpoint
 from vlmtune.sdk import connect
 
 STEPS = 3
-JOB = """
-[algorithm]
-{algorithm}
-[job]
-model = "tiny-qwen3-vl"
-data = "train.jsonl"
-[hyperparameters]
-max_steps = 3
-sequence_length = 128
-{hyperparameters}
-[lora]
-r = 4
-[model]
-min_pixels = 4096
-max_pixels = 4096
-{extra}
-"""
 JOBS = {
     # The recipes apply the vision defaults (gradient_accumulation_steps 2 -> 8): all 6
     # examples a step, packed, 3 epochs; a checkpoint after step 2 (for the resume test)
-    "sft": JOB.format(
+    "sft": tiny_job(
         algorithm='method = "sft"',
-        hyperparameters="learning_rate = 5e-3\nn_epochs = 3\ngradient_accumulation_steps = 2\n"
-        "save_every = 2",
+        hyperparameters=f"max_steps = {STEPS}\nlearning_rate = 5e-3\nn_epochs = 3\n"
+        "gradient_accumulation_steps = 2\nsave_every = 2",
         extra="",
     ),
     # all 4 pairs a step (vision defaults, as for SFT) through forward_backward_custom;
     # reference log-probs by forward
-    "dpo": JOB.format(
+    "dpo": tiny_job(
         algorithm='method = "dpo"',
-        hyperparameters="learning_rate = 5e-4\nn_epochs = 3\ngradient_accumulation_steps = 2",
+        hyperparameters=f"max_steps = {STEPS}\nlearning_rate = 5e-4\nn_epochs = 3\n"
+        "gradient_accumulation_steps = 2",
         extra="[dpo]\nbeta = 0.5",
     ),
     # ppo with a KL term: forward_reference and forward_backward_custom. One prompt a
     # step: over HTTP each prompt is its own sampling request, and a seeded draw equals
     # the in-process one only when the batch holds that prompt's group alone.
-    "rl": JOB.format(
+    "rl": tiny_job(
         algorithm='type = "online"\nmethod = "rl"',
-        hyperparameters="learning_rate = 5e-3\nn_epochs = 2",
+        hyperparameters=f"max_steps = {STEPS}\nlearning_rate = 5e-3\nn_epochs = 2",
         extra='[rl]\nreward = "digits.py:alternating"\ngroup_size = 4\nprompts_per_step = 1\n'
         'max_tokens = 3\nloss = "ppo"\nkl_coef = 0.1',
     ),
