@@ -173,6 +173,9 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
         "peak_rss_mib": rss_mib("VmHWM"),
         "losses": losses[:4],
         "profile": dict(profile.seconds) if profile else None,
+        # forward passes over the timed steps: rows (packed) or micro-batches
+        "micro_batches": profile.calls["forward"] if profile else None,
+        "timed_steps": len(steps) - 1,
         "timed_s": elapsed,
     }
     if cuda:
@@ -204,7 +207,10 @@ def report(rep: int, r: dict) -> None:
         flush=True,
     )
     if r["profile"]:
-        print("      " + "  ".join(f"{k} {v:.2f}s" for k, v in r["profile"].items()))
+        print(
+            f"      {r['micro_batches']} micro-batches  "
+            + "  ".join(f"{k} {v:.2f}s" for k, v in r["profile"].items())
+        )
 
 
 def main() -> None:
@@ -282,8 +288,28 @@ def main() -> None:
                     f"{a['examples_per_cpu_s'] / b['examples_per_cpu_s']:.2f}x ex/CPU-s, "
                     f"{a['peak_rss_mib'] / b['peak_rss_mib']:.2f}x peak RSS"
                 )
+    for _, tag in sources:
+        ceiling(best.get("packed" + tag), best.get("unpacked" + tag), tag)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+
+
+def ceiling(packed: dict | None, unpacked: dict | None, tag: str) -> None:
+    """What packing could gain at most here: it saves a micro-batch's fixed cost (the
+    difference of the two runs per micro-batch saved), never per-token or per-image
+    work; with one micro-batch per optimizer step, none of that fixed cost is left."""
+    if not (packed and unpacked and packed["micro_batches"] and unpacked["micro_batches"]):
+        return
+    t_packed = packed["examples"] / packed["examples_per_cpu_s"]
+    t_unpacked = unpacked["examples"] / unpacked["examples_per_cpu_s"]
+    saved = unpacked["micro_batches"] - packed["micro_batches"]
+    fixed_s = (t_unpacked - t_packed) / saved
+    floor_s = t_unpacked - (unpacked["micro_batches"] - unpacked["timed_steps"]) * fixed_s
+    print(
+        f"packing{tag}: {fixed_s * 1000:.0f} ms of CPU per micro-batch saved "
+        f"({unpacked['micro_batches']} -> {packed['micro_batches']} micro-batches); one per "
+        f"step ({unpacked['timed_steps']}) would reach {t_unpacked / floor_s:.2f}x unpacked"
+    )
 
 
 if __name__ == "__main__":

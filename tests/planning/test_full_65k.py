@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from vlmtune.cli import app
 from vlmtune.config import load_job
 from vlmtune.planning.activations import (
-    FROZEN_CHUNK_LOGITS_BUDGET,
+    HEAD_CHUNK_LOGITS_BUDGET,
     PATCHES_PER_IMAGE_TOKEN,
     lm_head_bytes,
 )
@@ -161,11 +161,12 @@ def test_no_checkpointing_peaks_at_the_end_of_forward_with_the_vision_features()
     )
 
 
-def test_a_frozen_lm_head_is_counted_as_the_engine_runs_it():
-    # One fp32 (chunk, V) block, the bf16 logits it is cast from, and the (N, H) gradient.
-    chunk = FROZEN_CHUNK_LOGITS_BUDGET // DIMS.vocab
+def test_the_lm_head_is_counted_as_the_engine_runs_it():
+    # Frozen or trainable: one fp32 (chunk, V) block, the bf16 logits it is cast from,
+    # and the (N, H) gradient.
+    chunk = HEAD_CHUNK_LOGITS_BUDGET // DIMS.vocab
     expected = (4 + 2) * chunk * DIMS.vocab + 2 * DIMS.hidden * 1000
-    assert lm_head_bytes(DIMS, 2, 1000, head_frozen=True) == expected
+    assert lm_head_bytes(DIMS, 2, 1000) == expected
 
 
 @pytest.mark.parametrize("mode", ["full", "lora", "qlora"])

@@ -11,9 +11,8 @@ import pytest
 
 from vlmtune.models.registry import list_models
 from vlmtune.planning.memory import (
-    CHUNK_LOGITS_BUDGET,
-    FROZEN_CHUNK_LOGITS_BUDGET,
     GIB,
+    HEAD_CHUNK_LOGITS_BUDGET,
     dims_for,
     estimate_memory,
 )
@@ -106,8 +105,7 @@ def test_dims_reproduce_the_published_parameter_counts(spec):
 def test_chunk_budget_is_the_engines():
     from vlmtune.engine import logprobs
 
-    assert logprobs.CHUNK_LOGITS_BUDGET == CHUNK_LOGITS_BUDGET
-    assert logprobs.FROZEN_CHUNK_LOGITS_BUDGET == FROZEN_CHUNK_LOGITS_BUDGET
+    assert logprobs.HEAD_CHUNK_LOGITS_BUDGET == HEAD_CHUNK_LOGITS_BUDGET
 
 
 def test_sharding_checkpointing_and_qlora_move_memory_the_right_way():

@@ -189,3 +189,18 @@ def test_the_cli_writes_one_file_and_refuses_a_folder_that_is_no_run(tmp_path):
     bad = runner.invoke(app, ["report", str(tmp_path / "elsewhere")])
     assert bad.exit_code == 2 and "not a run directory" in bad.output
     assert "Traceback" not in bad.output
+
+
+def test_the_report_imports_no_torch(tmp_path):
+    """``vlmtune report`` reads files: importing torch would cost seconds for nothing
+    (the run-file names live in recipes/run_files.py, away from the writers' imports)."""
+    import subprocess
+    import sys
+
+    run = make_run(tmp_path, "sft")
+    probe = (
+        "import sys; from vlmtune.cli import app; from vlmtune.report import build_report; "
+        f"build_report({str(run)!r}); print(sorted(m for m in sys.modules if m == 'torch'))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

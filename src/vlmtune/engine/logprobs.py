@@ -2,9 +2,12 @@
 
 Qwen3-VL's vocabulary is 151,936: fp32 logits for one 8,192-token row are 5 GB. The
 training losses only need ``log p(target)`` at the positions they weight, so we gather
-those hidden states first and run the LM head over them in chunks, each chunk under
-activation checkpointing: the peak extra memory is one ``(chunk, V)`` block, in the
-forward and the backward pass alike.
+those hidden states first and run the LM head over them in chunks through one reused
+``(chunk, V)`` block, in the forward and the backward pass alike: a frozen head
+(``_FrozenHeadLogprobs``) makes the hidden states' gradient in forward, a trainable one
+(``_TrainableHeadLogprobs``) recomputes each chunk in backward into a single weight
+gradient. Without gradients (evaluation) and for FSDP's sharded weights, plain autograd
+runs over chunks, large ones under activation checkpointing (``_chunked_logprobs``).
 
 On CUDA a fused linear-cross-entropy kernel does the same without any Python-level
 chunking, when one is installed (neither is a dependency): Liger Kernel's
@@ -26,13 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-# Each chunk's logits stay under this many entries (128 MiB in fp32): with Qwen3-VL's
-# 151,936-entry vocabulary that is ~220 positions per chunk.
+# The plain autograd path (no gradients, sharded weights): each chunk's logits stay
+# under this many entries (128 MiB in fp32), ~220 positions of Qwen3-VL's vocabulary.
 CHUNK_LOGITS_BUDGET = 32 * 2**20
-# The frozen-head path holds one (chunk, V) fp32 block (32 MiB, ~55 positions of
-# Qwen3-VL's vocabulary) and keeps none for backward: on the CPU, products of this
-# size ran fastest per position (the logits block stays in cache).
-FROZEN_CHUNK_LOGITS_BUDGET = 8 * 2**20
+# The frozen and trainable head paths hold one (chunk, V) fp32 block (32 MiB, ~55
+# positions of Qwen3-VL's vocabulary) and keep none for backward: on the CPU, products
+# of this size ran fastest per position (the logits block stays in cache).
+HEAD_CHUNK_LOGITS_BUDGET = 8 * 2**20
 # Below this many logits (64 MiB in fp32) a chunk is kept rather than recomputed in
 # backward: recomputation costs a third more LM-head work for no real memory saving.
 CHECKPOINT_MIN_LOGITS = 16 * 2**20
@@ -77,24 +80,16 @@ class _FrozenHeadLogprobs(torch.autograd.Function):
         buf = torch.empty(min(N, chunk_tokens), V, dtype=torch.float32, device=hidden_N_H.device)
         lp_N = torch.empty(N, dtype=torch.float32, device=hidden_N_H.device)
         dlp_N_H = torch.empty_like(hidden_N_H)
-        fp32 = weight_V_H.dtype == torch.float32 and hidden_N_H.dtype == torch.float32
         for start in range(0, N, chunk_tokens):
-            h = hidden_N_H[start : start + chunk_tokens]
-            t_n1 = targets_N[start : start + chunk_tokens].unsqueeze(-1)
-            z = buf[: h.shape[0]]
-            if fp32:
-                torch.mm(h, weight_V_H.t(), out=z)
-                if bias_V is not None:
-                    z.add_(bias_V)
-            else:  # fp32 for the softmax, as in _chunk_logprobs
-                z.copy_(F.linear(h, weight_V_H, bias_V))
-            z.sub_(z.amax(dim=-1, keepdim=True))
+            z = _shifted_logits(buf, hidden_N_H, weight_V_H, bias_V, start, chunk_tokens)
+            end = start + z.shape[0]
+            t_n1 = targets_N[start:end].unsqueeze(-1)
             z_t = z.gather(-1, t_n1).squeeze(-1)
             sum_n1 = z.exp_().sum(dim=-1, keepdim=True)
-            lp_N[start : start + h.shape[0]] = z_t - sum_n1.squeeze(-1).log()
+            lp_N[start:end] = z_t - sum_n1.squeeze(-1).log()
             # onehot - softmax, in place
             z.div_(sum_n1.neg_()).scatter_add_(-1, t_n1, torch.ones_like(t_n1, dtype=z.dtype))
-            dlp_N_H[start : start + h.shape[0]] = z.to(weight_V_H.dtype) @ weight_V_H
+            dlp_N_H[start:end] = z.to(weight_V_H.dtype) @ weight_V_H
         ctx.save_for_backward(dlp_N_H)
         return lp_N
 
@@ -102,6 +97,92 @@ class _FrozenHeadLogprobs(torch.autograd.Function):
     def backward(ctx: Any, grad_N: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (dlp_N_H,) = ctx.saved_tensors
         return (grad_N.unsqueeze(-1).to(dlp_N_H.dtype) * dlp_N_H, None, None, None, None)
+
+
+class _TrainableHeadLogprobs(torch.autograd.Function):
+    """``log p(target)`` through a trainable LM head, with one ``(V, H)`` weight gradient.
+
+    Autograd through the chunks keeps each chunk's logits and softmax for backward and
+    makes a ``(V, H)`` weight gradient per chunk before summing them: with a tied
+    151,936-entry embedding that is several vocabulary-sized blocks alive at once.
+    Here forward keeps only ``h`` (the saved hidden states) and backward recomputes each
+    chunk's softmax in one reused ``(chunk, V)`` buffer, then adds ``G^T h`` into a single
+    weight gradient in place, where ``G = grad * (onehot(t) - p)`` per position:
+
+        d lp_i / d h_i = (onehot(t_i) - p_i) @ W,    d lp_i / d W = (onehot(t_i) - p_i)^T h_i
+
+    The price is one more (chunk, H) x (H, V) product per chunk (the recomputed logits).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden_N_H: torch.Tensor,
+        weight_V_H: torch.Tensor,
+        bias_V: torch.Tensor | None,
+        targets_N: torch.Tensor,
+        chunk_tokens: int,
+    ) -> torch.Tensor:
+        N, V = hidden_N_H.shape[0], weight_V_H.shape[0]
+        buf = torch.empty(min(N, chunk_tokens), V, dtype=torch.float32, device=hidden_N_H.device)
+        lp_N = torch.empty(N, dtype=torch.float32, device=hidden_N_H.device)
+        for start in range(0, N, chunk_tokens):
+            z = _shifted_logits(buf, hidden_N_H, weight_V_H, bias_V, start, chunk_tokens)
+            t_n1 = targets_N[start : start + z.shape[0]].unsqueeze(-1)
+            z_t = z.gather(-1, t_n1).squeeze(-1)
+            lp_N[start : start + z.shape[0]] = z_t - z.exp_().sum(dim=-1).log()
+        ctx.save_for_backward(hidden_N_H, weight_V_H, bias_V, targets_N)
+        ctx.chunk_tokens = chunk_tokens
+        return lp_N
+
+    @staticmethod
+    def backward(ctx: Any, grad_N: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        hidden_N_H, weight_V_H, bias_V, targets_N = ctx.saved_tensors
+        chunk_tokens = ctx.chunk_tokens
+        N, V = hidden_N_H.shape[0], weight_V_H.shape[0]
+        grad_h_N_H = torch.empty_like(hidden_N_H) if ctx.needs_input_grad[0] else None
+        grad_w_V_H = torch.zeros_like(weight_V_H) if ctx.needs_input_grad[1] else None
+        grad_b_V = (
+            torch.zeros_like(bias_V) if bias_V is not None and ctx.needs_input_grad[2] else None
+        )
+        buf = torch.empty(min(N, chunk_tokens), V, dtype=torch.float32, device=hidden_N_H.device)
+        for start in range(0, N, chunk_tokens):
+            z = _shifted_logits(buf, hidden_N_H, weight_V_H, bias_V, start, chunk_tokens)
+            end = start + z.shape[0]
+            t_n1 = targets_N[start:end].unsqueeze(-1)
+            # G = grad * (onehot - softmax), in place in the logits buffer
+            z.exp_()
+            z.div_(z.sum(dim=-1, keepdim=True).neg_())
+            z.scatter_add_(-1, t_n1, torch.ones_like(t_n1, dtype=z.dtype))
+            z.mul_(grad_N[start:end].unsqueeze(-1).to(z.dtype))
+            g = z.to(weight_V_H.dtype)
+            if grad_h_N_H is not None:
+                grad_h_N_H[start:end] = g @ weight_V_H
+            if grad_w_V_H is not None:
+                grad_w_V_H.addmm_(g.t(), hidden_N_H[start:end])
+            if grad_b_V is not None:
+                grad_b_V.add_(z.sum(dim=0).to(grad_b_V.dtype))
+        return grad_h_N_H, grad_w_V_H, grad_b_V, None, None
+
+
+def _shifted_logits(
+    buf: torch.Tensor,
+    hidden_N_H: torch.Tensor,
+    weight_V_H: torch.Tensor,
+    bias_V: torch.Tensor | None,
+    start: int,
+    chunk_tokens: int,
+) -> torch.Tensor:
+    """One chunk's logits minus their row maximum, fp32, written into ``buf``."""
+    h = hidden_N_H[start : start + chunk_tokens]
+    z = buf[: h.shape[0]]
+    if weight_V_H.dtype == torch.float32 and hidden_N_H.dtype == torch.float32:
+        torch.mm(h, weight_V_H.t(), out=z)
+        if bias_V is not None:
+            z.add_(bias_V)
+    else:  # fp32 for the softmax, as in _chunk_logprobs
+        z.copy_(F.linear(h, weight_V_H, bias_V))
+    return z.sub_(z.amax(dim=-1, keepdim=True))
 
 
 FusedBackend = Literal["liger", "cce"]
@@ -231,10 +312,24 @@ def selected_token_logprobs(
         backend = fused_backend(hidden_N_H, weight_V_H, bias_V, needs_grad, fused)
         if backend is not None:
             return fused_token_logprobs(backend, hidden_N_H, weight_V_H, bias_V, targets_N)
-    head_frozen = not weight_V_H.requires_grad and (bias_V is None or not bias_V.requires_grad)
-    if needs_grad and head_frozen and _is_plain_tensor(weight_V_H) and hidden_N_H.shape[0] > 0:
-        frozen_chunk = chunk_tokens or max(1, FROZEN_CHUNK_LOGITS_BUDGET // weight_V_H.shape[0])
-        return _FrozenHeadLogprobs.apply(hidden_N_H, weight_V_H, bias_V, targets_N, frozen_chunk)
+    if needs_grad and _is_plain_tensor(weight_V_H) and hidden_N_H.shape[0] > 0:
+        chunk = chunk_tokens or max(1, HEAD_CHUNK_LOGITS_BUDGET // weight_V_H.shape[0])
+        head_frozen = not weight_V_H.requires_grad and (bias_V is None or not bias_V.requires_grad)
+        head_fn = _FrozenHeadLogprobs if head_frozen else _TrainableHeadLogprobs
+        return head_fn.apply(hidden_N_H, weight_V_H, bias_V, targets_N, chunk)
+    return _chunked_logprobs(hidden_N_H, weight_V_H, bias_V, targets_N, chunk_tokens, needs_grad)
+
+
+def _chunked_logprobs(
+    hidden_N_H: torch.Tensor,
+    weight_V_H: torch.Tensor,
+    bias_V: torch.Tensor | None,
+    targets_N: torch.Tensor,
+    chunk_tokens: int | None,
+    needs_grad: bool,
+) -> torch.Tensor:
+    """Plain autograd over chunks: without gradients (evaluation, sampling) and for
+    FSDP's sharded (DTensor) weights, which the in-place paths above cannot take."""
     if chunk_tokens is None:
         chunk_tokens = max(1, CHUNK_LOGITS_BUDGET // weight_V_H.shape[0])
     pieces = []

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmtune.models._compat import linear_patch_projection
 from vlmtune.models.adapters import (
     PROJECTOR_PREFIXES,
     VISION_PREFIX,
@@ -284,7 +285,9 @@ def _build_model(path: Path, mode: TrainingMode, options: BuildOptions) -> nn.Mo
     if options.structure_only:
         if mode == "qlora":
             raise ValueError("qlora models cannot be built without their weights")
-        return _build_on_meta(path, options.dtype, options.attn_implementation)
+        model = _build_on_meta(path, options.dtype, options.attn_implementation)
+        linear_patch_projection(model)  # the same modules on every rank (FSDP)
+        return model
     kwargs: dict[str, Any] = {
         "dtype": options.dtype,
         "attn_implementation": options.attn_implementation,
@@ -295,6 +298,7 @@ def _build_model(path: Path, mode: TrainingMode, options: BuildOptions) -> nn.Mo
     if mode != "qlora":  # bitsandbytes placed it already
         # transformers wraps ``to`` in functools.wraps, which mypy takes for an unbound method
         model.to(options.device)  # type: ignore[arg-type]
+    linear_patch_projection(model)  # why: models/_compat.py
     return model
 
 

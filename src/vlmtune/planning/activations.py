@@ -15,12 +15,11 @@ Packed rows attend per example (flash-attention varlen, or SDPA per segment:
 ``models/packed_attention.py``), so no T x T mask is counted; flash and SDPA's flash
 kernel keep only a per-head logsumexp besides q, k, v and the output.
 
-The LM head never makes (T, V) logits (``engine/logprobs.py``): a trainable head runs
-chunks of ``CHUNK_LOGITS_BUDGET`` logits under checkpointing (at its backward peak four
-fp32 blocks: recomputed logits, logsumexp's exp, softmax, gradient; measured on the tiny
-model); a frozen head (LoRA, frozen embeddings) makes its gradient in forward, one fp32
-block of ``FROZEN_CHUNK_LOGITS_BUDGET`` logits at a time (plus the compute-dtype logits
-it is cast from) and keeps an (N, H) gradient. The fused kernels (Liger, Cut
+The LM head never makes (T, V) logits (``engine/logprobs.py``): frozen (LoRA, frozen
+embeddings) or trainable, it runs one fp32 block of ``HEAD_CHUNK_LOGITS_BUDGET`` logits
+at a time (plus the compute-dtype logits it is cast from) and holds an (N, H) gradient:
+a frozen head makes it in forward, a trainable one in backward, where it recomputes each
+chunk (its (V, H) weight gradient is the parameter's, counted with the gradients). The fused kernels (Liger, Cut
 Cross-Entropy) are optional extras, not counted: with one installed the head needs less.
 
 Pure arithmetic on ``ModelDims``: no torch.
@@ -34,11 +33,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from vlmtune.planning.memory import ModelDims
 
-# = vlmtune.engine.logprobs.CHUNK_LOGITS_BUDGET (a test keeps them equal); not imported
-# so that planning stays free of torch.
-CHUNK_LOGITS_BUDGET = 32 * 2**20
-# = vlmtune.engine.logprobs.FROZEN_CHUNK_LOGITS_BUDGET (the same test).
-FROZEN_CHUNK_LOGITS_BUDGET = 8 * 2**20
+# = vlmtune.engine.logprobs.HEAD_CHUNK_LOGITS_BUDGET (a test keeps them equal); not
+# imported so that planning stays free of torch.
+HEAD_CHUNK_LOGITS_BUDGET = 8 * 2**20
 # Qwen3-VL merges 2 x 2 vision patches into one language-model image token.
 PATCHES_PER_IMAGE_TOKEN = 4
 # Values per patch of pixel_values: 3 channels x 2 frames x 16 x 16 pixels.
@@ -77,14 +74,11 @@ def layer_forward_bytes_per_token(dims: ModelDims, cb: int) -> int:
     return 2 * cb * dims.hidden + 3 * cb * inter
 
 
-def lm_head_bytes(dims: ModelDims, cb: int, weighted: int, head_frozen: bool) -> int:
+def lm_head_bytes(dims: ModelDims, cb: int, weighted: int) -> int:
     """The LM head's loss at its peak, beyond the (N, H) hidden states it reads."""
-    if head_frozen:
-        chunk = min(weighted, max(1, FROZEN_CHUNK_LOGITS_BUDGET // dims.vocab))
-        cast = 0 if cb == FP32 else cb * chunk * dims.vocab  # F.linear's output, then fp32
-        return FP32 * chunk * dims.vocab + cast + cb * dims.hidden * weighted
-    chunk = min(weighted, max(1, CHUNK_LOGITS_BUDGET // dims.vocab))
-    return 4 * FP32 * chunk * dims.vocab
+    chunk = min(weighted, max(1, HEAD_CHUNK_LOGITS_BUDGET // dims.vocab))
+    cast = 0 if cb == FP32 else cb * chunk * dims.vocab  # F.linear's output, then fp32
+    return FP32 * chunk * dims.vocab + cast + cb * dims.hidden * weighted
 
 
 def vision_block_bytes_per_patch(dims: ModelDims, cb: int) -> tuple[int, int]:
@@ -106,7 +100,6 @@ def step_activations(
     weighted: int,
     image_tokens: int,
     checkpointing: bool,
-    head_frozen: bool,
     vision_trainable: bool,
 ) -> Activations:
     """Peak activation bytes of one step on a packed row of ``context`` tokens, of which
@@ -115,7 +108,7 @@ def step_activations(
     per_layer = activation_bytes_per_token_layer(dims, cb)
     # Input embeddings, the final norm's fp32 copies, the weighted positions' states.
     outside = cb * h * T + (2 * FP32 + cb) * h * T + cb * h * weighted
-    head = lm_head_bytes(dims, cb, weighted, head_frozen)
+    head = lm_head_bytes(dims, cb, weighted)
     layers = f"{dims.layers} x {T:,} tokens"
     if checkpointing:
         kept = ("decoder layer inputs kept (" + layers + ")", dims.layers * cb * h * T)

@@ -26,15 +26,13 @@ from pathlib import Path
 from typing import Literal
 
 from vlmtune.planning.activations import (
-    CHUNK_LOGITS_BUDGET,
-    FROZEN_CHUNK_LOGITS_BUDGET,
+    HEAD_CHUNK_LOGITS_BUDGET,
     activation_bytes_per_token_layer,
     step_activations,
 )
 
 __all__ = [
-    "CHUNK_LOGITS_BUDGET",
-    "FROZEN_CHUNK_LOGITS_BUDGET",
+    "HEAD_CHUNK_LOGITS_BUDGET",
     "GIB",
     "MemoryEstimate",
     "ModelDims",
@@ -353,8 +351,8 @@ def estimate_memory(
     host = 0
     if cpu_offload and sharded:
         shards = (4 * P if mode == "full" else cb * P) // n + 12 * trainable // n
-        # AdamW's foreach step (engine/optim.py) makes one fp32 temporary per moment.
-        host = shards + 4 * trainable // n
+        # AdamW's fused step (engine/optim.py) makes no parameter-sized temporaries.
+        host = shards
         weights -= (4 * P if mode == "full" else cb * P + 4 * trainable) // n
         grads -= 4 * trainable // n
         optimizer = 0
@@ -371,7 +369,6 @@ def estimate_memory(
         weighted=n_weighted,
         image_tokens=image_tokens,
         checkpointing=activation_checkpointing,
-        head_frozen=mode != "full" or freeze_embeddings,
         vision_trainable=not freeze_vision,
     )
     parts += [("activations", w, b) for w, b in act.parts]

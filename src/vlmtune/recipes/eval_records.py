@@ -27,12 +27,10 @@ from vlmtune.data.images import decode_image
 from vlmtune.data.schema import ImagePart, SFTRow
 from vlmtune.evaluation import EvalResult
 from vlmtune.recipes.run_dir import RunDir, strict_json
+from vlmtune.recipes.run_files import EVALS_DIR, IMAGES_DIR, SETTINGS_FILE
 from vlmtune.render import split_prompt_and_answer
 from vlmtune.settings import SettingChange
 
-EVALS_DIR = "evals"
-IMAGES_DIR = f"{EVALS_DIR}/images"
-SETTINGS_FILE = "applied_settings.json"
 THUMBNAIL_PX = 192  # the longest side of an image copy
 PNG_MAX_PIXELS = 128 * 128  # smaller copies stay lossless; larger ones become JPEG
 MAX_PROMPT_CHARS = 1000  # a prompt's text as recorded (a report shows a few lines)

@@ -27,12 +27,11 @@ from vlmtune.atomic import atomic_write, explain_refused_writes
 from vlmtune.config import JobFile, dump_toml
 from vlmtune.data.report import ValidationReport
 from vlmtune.engine.distributed import is_main_process
+from vlmtune.recipes.run_files import CONFIG_FILE as CONFIG_FILE  # re-exported
+from vlmtune.recipes.run_files import METRICS_FILE as METRICS_FILE
+from vlmtune.recipes.run_files import REPORT_FILE as REPORT_FILE
+from vlmtune.recipes.run_files import SUMMARY_FILE as SUMMARY_FILE
 from vlmtune.recipes.trackers import Trackers, start_trackers
-
-CONFIG_FILE = "config.toml"
-REPORT_FILE = "validation_report.json"
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
 
 
 class ResumeError(ValueError):

@@ -18,8 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlmtune.recipes.eval_records import EVALS_DIR, SETTINGS_FILE
-from vlmtune.recipes.run_dir import CONFIG_FILE, METRICS_FILE, REPORT_FILE, SUMMARY_FILE
+from vlmtune.recipes.run_files import (
+    CONFIG_FILE,
+    EVALS_DIR,
+    METRICS_FILE,
+    REPORT_FILE,
+    SETTINGS_FILE,
+    SUMMARY_FILE,
+)
 
 # A run whose metrics.jsonl changed this recently and that has no summary is running.
 RUNNING_WITHIN_S = 600
