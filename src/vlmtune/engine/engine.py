@@ -27,12 +27,9 @@ from vlmtune.engine.forward import ForwardPass
 from vlmtune.engine.micro_batches import MicroBatch, plan_micro_batches
 from vlmtune.engine.sampling import SamplingContext, generate
 from vlmtune.engine.step_profile import NO_PROFILE, StepProfile
-from vlmtune.models.adapters import LoraSettings, is_peft_model
+from vlmtune.models.adapters import is_peft_model
 from vlmtune.models.loading import (
-    BuildOptions,
     LoadedModel,
-    ModelRequest,
-    load_model,
     trainable_parameter_count,
 )
 from vlmtune.models.saving import save_model_dir
@@ -66,38 +63,16 @@ class TrainingEngine:
         self.device = device
         self.dtype = placement.resolve_dtype(config.precision, self.device)
         torch.manual_seed(config.seed)
-        load_dtype, load_device = self.dtype, self.device
         # Replicated ranks each load the whole model onto their own device, as one
         # process does; only the trainable gradients cross processes.
         self.replicated = self.dist.enabled and (config.replicate or config.mode == "qlora")
-        if self.dist.enabled and not self.replicated:
-            # Sharded full fine-tuning keeps fp32 master weights (FSDP computes in
-            # self.dtype). Rank 0 reads the weights into host memory, the other ranks
-            # build the model on the meta device; after sharding, rank 0 broadcasts
-            # (``_shard``), so no GPU and no other process holds the whole model.
-            load_device = torch.device("cpu")
-            if config.mode == "full":
-                load_dtype = torch.float32
-        request = ModelRequest(
-            config.base_model,
-            revision=config.revision,
-            mode=config.mode,
-            lora=LoraSettings(
-                config.lora_rank, config.lora_alpha, config.lora_dropout, config.target_modules
-            ),
-            freeze_vision_tower=config.freeze_vision_tower,
-            freeze_projector=config.freeze_projector,
-            min_pixels=config.min_pixels,
-            max_pixels=config.max_pixels,
+        self.loaded = loaded or placement.load_placed(
+            config,
+            self.dist,
+            self.device,
+            self.dtype,
+            sharded=self.dist.enabled and not self.replicated,
         )
-        options = BuildOptions(
-            dtype=load_dtype,
-            device=str(load_device),
-            attn_implementation=config.attention,
-            gradient_checkpointing=config.gradient_checkpointing,
-            structure_only=self.dist.enabled and not self.replicated and not self.dist.is_main,
-        )
-        self.loaded = loaded or load_model(request, options)
         self.model = self.loaded.model
         self.processor = self.loaded.processor
         self.hf_model = as_vl_model(placement.unwrap_hf(self.model))

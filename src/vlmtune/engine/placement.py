@@ -1,8 +1,18 @@
-"""Where and in what precision the engine runs, and which module is the HF model."""
+"""Where and in what precision the engine runs, where its model is loaded, and which
+module is the HF model."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+from vlmtune.engine.config import EngineConfig
+from vlmtune.models.adapters import LoraSettings
+from vlmtune.models.loading import BuildOptions, LoadedModel, ModelRequest, load_model
+
+if TYPE_CHECKING:
+    from vlmtune.engine.distributed import DistInfo
 
 
 def resolve_device(device: str) -> torch.device:
@@ -41,3 +51,42 @@ def duplicate_param_names(model: torch.nn.Module) -> list[str]:
             duplicates.append(name)
         seen.add(id(p))
     return duplicates
+
+
+def load_placed(
+    config: EngineConfig, dist: DistInfo, device: torch.device, dtype: torch.dtype, sharded: bool
+) -> LoadedModel:
+    """The engine's model, loaded where its placement needs it.
+
+    One process, or replicated ranks: the whole model on ``device`` in ``dtype``.
+    Sharded (FSDP): full fine-tuning keeps fp32 master weights (FSDP computes in
+    ``dtype``); rank 0 reads the weights into host memory and the other ranks build the
+    model on the meta device. After sharding rank 0 broadcasts them
+    (``distributed.shard_and_load``), so no GPU and no other process holds the whole
+    model.
+    """
+    load_dtype, load_device = dtype, device
+    if sharded:
+        load_device = torch.device("cpu")
+        if config.mode == "full":
+            load_dtype = torch.float32
+    request = ModelRequest(
+        config.base_model,
+        revision=config.revision,
+        mode=config.mode,
+        lora=LoraSettings(
+            config.lora_rank, config.lora_alpha, config.lora_dropout, config.target_modules
+        ),
+        freeze_vision_tower=config.freeze_vision_tower,
+        freeze_projector=config.freeze_projector,
+        min_pixels=config.min_pixels,
+        max_pixels=config.max_pixels,
+    )
+    options = BuildOptions(
+        dtype=load_dtype,
+        device=str(load_device),
+        attn_implementation=config.attention,
+        gradient_checkpointing=config.gradient_checkpointing,
+        structure_only=sharded and not dist.is_main,
+    )
+    return load_model(request, options)

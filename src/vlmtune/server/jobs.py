@@ -1,13 +1,11 @@
 """Jobs: trainer endpoints (interactive runs) and TOML jobs run in worker processes.
 
-A TOML job runs ``python -m vlmtune train --type T --config FILE --output RUN_DIR`` in
-its own process, so a crash, an out-of-memory kill or a cancel never takes the server
-down. Its progress comes from the run directory's ``metrics.jsonl``, the record the CLI
-writes (``job_progress``); its stderr is kept as a plain log for humans (``log``
-events, ``stderr.log``) and never parsed. When it succeeds, the run's ``final/``
-directory is promoted to a model named after the job. Job state lives in
-the store: after a restart a job that was running is ``interrupted`` and can be
-resumed (``--resume`` continues from its last checkpoint).
+This module is the jobs' lifecycle: created, submitted, queued, launched when a slot is
+free, cancelled, resumed, deleted, their checkpoints promoted. A TOML job's worker
+process (``vlmtune train`` in its own process, its progress and stderr, the model
+promoted when it succeeds) is ``job_process``'s. Job state lives in the store: after a
+restart a job that was running is ``interrupted`` and can be resumed (``--resume``
+continues from its last checkpoint).
 
 A TOML job is validated and confined when it is submitted (``job_access``): a bad one
 is refused with every problem named by its TOML key and never queued; a good one's
@@ -18,17 +16,12 @@ folder holds the TOML as sent (``submitted.toml``) and as the worker runs it
 from __future__ import annotations
 
 import builtins
-import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
 import tomllib
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +32,7 @@ from vlmtune.protocol.paths import checkpoint_name, is_tinker_path
 from vlmtune.server import catalog
 from vlmtune.server.files import FileStore
 from vlmtune.server.job_access import DataAccess, resolved_roots, validated_job
-from vlmtune.server.job_progress import PROGRESS_EVENTS, MetricsTail, job_event
+from vlmtune.server.job_process import JobProcess
 from vlmtune.server.run_config import engine_config
 from vlmtune.server.runs import RunManager
 from vlmtune.server.store import Store
@@ -88,8 +81,7 @@ class JobRunner:
         self.dir = data_dir / "jobs"
         self.runs = runs
         self.max_concurrent = max(1, max_concurrent)
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.threads: dict[str, threading.Thread] = {}
+        self.workers: dict[str, JobProcess] = {}  # the TOML jobs running now, by id
         self.cancelling: set[str] = set()
         self._lock = threading.RLock()
         self._closing = False
@@ -212,48 +204,31 @@ class JobRunner:
         with self._lock:
             if self._closing:
                 return
-            while len(self.procs) < self.max_concurrent:
+            while len(self.workers) < self.max_concurrent:
                 row = self.store.next_queued_job()
                 if row is None:
                     return
                 self._launch(row, resume=bool(row["config"].get("resume")))
 
     def _launch(self, job: dict[str, Any], resume: bool) -> None:
-        job_dir = self.dir / job["id"]
-        cfg = job["config"]
-        cmd = [sys.executable, "-m", "vlmtune", "train", "--type", cfg["type"],
-               "--config", str(job_dir / "config.toml"), "--output", job["run_dir"],
-               *(["--resume"] if resume else []), *cfg.get("overrides", [])]  # fmt: skip
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        stdout = (job_dir / "stdout.log").open("ab")
-        proc = subprocess.Popen(cmd, cwd=job_dir, stdin=subprocess.DEVNULL, stdout=stdout,
-                                stderr=subprocess.PIPE, env=env, start_new_session=True)  # fmt: skip
-        stdout.close()
-        self.procs[job["id"]] = proc
-        self._set(job["id"], "running", error=None, exit_code=None)
+        job_id = job["id"]
+        worker = JobProcess(job, self.dir / job_id, resume, self.store, self._set,
+                            self._exited, self.metrics_poll_s)  # fmt: skip
+        self.workers[job_id] = worker
+        self._set(job_id, "running", error=None, exit_code=None)
         self.store.add_event(
-            job["id"],
+            job_id,
             "running",
-            f"worker process {proc.pid} started" + (" (resume)" if resume else ""),
+            f"worker process {worker.pid} started" + (" (resume)" if resume else ""),
         )
-        thread = threading.Thread(target=self._monitor, args=(job["id"], proc), daemon=True)
-        self.threads[job["id"]] = thread
-        thread.start()
+        worker.watch()
 
-    def _monitor(self, job_id: str, proc: subprocess.Popen) -> None:
-        metrics = self._metrics_tail(job_id)
-        exited = threading.Event()
-        follower = threading.Thread(
-            target=self._follow_metrics, args=(job_id, metrics, exited), daemon=True
-        )
-        follower.start()
-        tail = self._relay_stderr(job_id, proc)
-        code = proc.wait()
-        exited.set()
-        follower.join()
-        self._report_progress(job_id, metrics)  # records written just before the exit
+    def _exited(self, worker: JobProcess, code: int) -> None:
+        """``worker`` exited (its last progress reported; this runs on its thread): free
+        its slot, set the state its exit means, launch what is queued."""
+        job_id = worker.job_id
         with self._lock:
-            self.procs.pop(job_id, None)
+            self.workers.pop(job_id, None)
             cancelled = job_id in self.cancelling
             self.cancelling.discard(job_id)
         if self._closing and not cancelled:
@@ -263,81 +238,24 @@ class JobRunner:
             self._set(job_id, "cancelled", exit_code=code)
             self.store.add_event(job_id, "cancelled", "cancelled")
         elif code == 0:
-            self._succeeded(job_id)
+            worker.succeeded(self.get(job_id))
         else:
-            self._set(job_id, "failed", exit_code=code, error="\n".join(tail[-12:]))
-            self.store.add_event(job_id, "failed", f"worker exited with code {code}")
+            worker.failed(code)
         self._schedule()
-
-    def _relay_stderr(self, job_id: str, proc: subprocess.Popen) -> Sequence[str]:
-        """Copy the worker's stderr to ``stderr.log`` and ``log`` events, unparsed; return
-        its last lines (a failed job's error)."""
-        tail: list[str] = []
-        with (self.dir / job_id / "stderr.log").open("a") as log_file:
-            assert proc.stderr is not None
-            for raw in proc.stderr:
-                line = raw.decode(errors="replace").rstrip()
-                log_file.write(line + "\n")
-                if line:
-                    tail = (tail + [line])[-30:]
-                    self.store.add_event(job_id, "log", line[:2000])
-        return tail
-
-    def _metrics_tail(self, job_id: str) -> MetricsTail:
-        # A resumed job's worker rewrites the lines it keeps: those were reported already.
-        reported: list[dict[str, Any]] = []
-        after = 0
-        while events := self.store.events(job_id, after):
-            after = events[-1]["seq"]
-            reported += [e["data"]["metrics"] for e in events if e["type"] in PROGRESS_EVENTS]
-        return MetricsTail(Path(self.get(job_id)["run_dir"]) / "metrics.jsonl", reported)
-
-    def _follow_metrics(self, job_id: str, metrics: MetricsTail, exited: threading.Event) -> None:
-        while not exited.wait(self.metrics_poll_s):
-            self._report_progress(job_id, metrics)
-
-    def _report_progress(self, job_id: str, metrics: MetricsTail) -> None:
-        for record in metrics.read_new():
-            kind, message, data = job_event(record)
-            self.store.add_event(job_id, kind, message, data)
-
-    def _succeeded(self, job_id: str) -> None:
-        job = self.get(job_id)
-        try:
-            summary = json.loads((Path(job["run_dir"]) / "summary.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            summary = {}  # the model is still promoted: the summary is only reported
-        final = Path(job["run_dir"]) / "final"
-        model_id = None
-        if final.is_dir():
-            base = (
-                tomllib.loads((self.dir / job_id / "config.toml").read_text())
-                .get("job", {})
-                .get("model", "")
-            )
-            model_id = catalog.unique_model_id(self.store, catalog.model_name(job["name"]))
-            source = {"job_id": job_id, "checkpoint": "final"}
-            catalog.add_model(self.store, model_id, final, base, source, job["tenant"])
-            self.store.add_event(job_id, "promoted", f"model {model_id}", {"model_id": model_id})
-        self._set(job_id, "succeeded", exit_code=0, model_id=model_id)
-        self.store.add_event(
-            job_id, "succeeded", "finished", {"summary": summary, "model_id": model_id}
-        )
 
     def cancel(self, job_id: str, tenant: str | None = None) -> dict[str, Any]:
         job = self.get(job_id, tenant)
         if job["kind"] == "trainer":  # a deleted one stays deleted
             return job if job["state"] == "deleted" else self._retire(job, "cancelled")
         with self._lock:
-            proc = self.procs.get(job_id)
-            if proc is not None:
+            worker = self.workers.get(job_id)
+            if worker is not None:
                 self.cancelling.add(job_id)
             elif job["state"] in ("queued", "interrupted"):
                 self._set(job_id, "cancelled")
                 self.store.add_event(job_id, "cancelled", "cancelled")
-        if proc is not None:
-            _stop(proc)
-            self.threads[job_id].join(timeout=30)
+        if worker is not None:
+            worker.stop()
         return self.get(job_id)
 
     def resume(self, job_id: str, tenant: str | None = None) -> dict[str, Any]:
@@ -367,7 +285,7 @@ class JobRunner:
 
     def delete(self, job_id: str, tenant: str | None = None) -> dict[str, Any]:
         job = self.get(job_id, tenant)
-        if job_id in self.procs:
+        if job_id in self.workers:
             self.cancel(job_id)
         return self._retire(job, "deleted")
 
@@ -423,10 +341,9 @@ class JobRunner:
     def close(self) -> None:
         with self._lock:
             self._closing = True
-            procs = list(self.procs.items())
-        for job_id, proc in procs:
-            _stop(proc)
-            self.threads[job_id].join(timeout=30)
+            workers = list(self.workers.items())
+        for job_id, worker in workers:
+            worker.stop()
             self.store.add_event(
                 job_id, "interrupted", "the server stopped; resume the job to continue"
             )
@@ -434,13 +351,3 @@ class JobRunner:
 
 def _new_job_id() -> str:
     return f"job-{uuid.uuid4().hex[:12]}"
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)  # the worker and anything it started
-        proc.wait(timeout=15)
-    except (ProcessLookupError, PermissionError):
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)

@@ -1,213 +1,46 @@
 """The trace store: every step a collector took, in one SQLite file.
 
-Several collector processes may write one file at once (the hosted tool's store failed
-with "database is locked" at a concurrency of 2). What makes that hold:
-
-- WAL mode: readers never block the writer, nor the writer readers;
-- one writer thread per process, fed by a queue: the episode threads never touch SQLite,
-  and what they queued is written in short ``BEGIN IMMEDIATE`` transactions (the write
-  lock is taken up front, so two processes queue on ``busy_timeout`` instead of failing
-  when a read transaction tries to become a write);
-- ``busy_timeout`` long enough to wait out another process's transaction.
+Several collector processes may write one file at once: ``db`` says what makes that
+hold (WAL, one writer thread per process, ``busy_timeout``).
 
 Prompts are stored as the task sent them, except that every ``data:`` image is replaced
 by a ``sha256:<hex>`` reference into ``images`` (one row per distinct image, so a task
 whose frames repeat costs each frame once). Reading a step back puts the data URLs back
-byte for byte. This module is the only SQL of ``vlmtune.traces``.
+byte for byte. This package is the only SQL of ``vlmtune.traces``
+(``tests/server/test_store.py`` fails on SQL anywhere else): ``TraceStore`` here writes
+and reads the rows, ``db`` holds the connections and the writer thread, ``schema`` the
+tables and their version, ``records`` the ``Rollout`` and ``Step`` it hands back.
 """
 
 from __future__ import annotations
 
 import json
-import queue
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from vlmtune.data.refs import data_url
-from vlmtune.traces.prompts import (
-    Messages,
-    dumps,
-    externalize,
-    prompt_hash,
-    restore,
-)
+from vlmtune.traces.prompts import Messages, dumps, externalize, prompt_hash, restore
+from vlmtune.traces.store import schema
+from vlmtune.traces.store.db import BUSY_TIMEOUT_MS, Write, Writer, connect, use_wal
+from vlmtune.traces.store.records import Rollout, Step, TraceStoreError
+from vlmtune.traces.store.schema import SCHEMA, SCHEMA_VERSION
 
-SCHEMA_VERSION = 1
-BUSY_TIMEOUT_MS = 60_000
-_BATCH = 512  # queued writes committed per transaction, at most
+__all__ = [
+    "BUSY_TIMEOUT_MS",
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "Rollout",
+    "Step",
+    "TraceStore",
+    "TraceStoreError",
+]
+
 _IMAGE_CACHE = 1024  # images kept for reading back (a task's frames often repeat)
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS tasks (name TEXT PRIMARY KEY, info TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS rollouts (
-    id TEXT PRIMARY KEY, task TEXT NOT NULL, split TEXT NOT NULL, seed INTEGER NOT NULL,
-    policy TEXT NOT NULL, model TEXT, image_only INTEGER NOT NULL,
-    started REAL NOT NULL, ended REAL, episode_return REAL, steps INTEGER NOT NULL DEFAULT 0,
-    success INTEGER, achievements TEXT NOT NULL DEFAULT '[]', error TEXT);
-CREATE TABLE IF NOT EXISTS steps (
-    rollout_id TEXT NOT NULL REFERENCES rollouts(id), idx INTEGER NOT NULL,
-    prompt TEXT NOT NULL, prompt_hash TEXT NOT NULL, completion TEXT, action TEXT,
-    valid_action INTEGER NOT NULL, reward REAL NOT NULL, done INTEGER NOT NULL,
-    expert_action TEXT, info TEXT NOT NULL DEFAULT '{}', PRIMARY KEY (rollout_id, idx));
-CREATE TABLE IF NOT EXISTS images (sha256 TEXT PRIMARY KEY, mime TEXT NOT NULL, bytes BLOB NOT NULL);
-CREATE INDEX IF NOT EXISTS rollouts_by_task ON rollouts (task, split, policy);
-CREATE INDEX IF NOT EXISTS steps_by_prompt ON steps (prompt_hash);
-"""
-
-
-class TraceStoreError(Exception):
-    """The store cannot be opened or written; the message names the file."""
-
-
-@dataclass(frozen=True)
-class Rollout:
-    """One episode. ``ended`` is None while it runs (or if its collector died)."""
-
-    id: str
-    task: str
-    split: str
-    seed: int
-    policy: str
-    model: str | None
-    image_only: bool
-    started: float
-    ended: float | None = None
-    episode_return: float | None = None
-    steps: int = 0
-    success: bool | None = None  # None: the task has no success threshold, or an error
-    achievements: list[str] = field(default_factory=list)
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class Step:
-    """One decision: the prompt the policy saw, what it answered, what the task made of it."""
-
-    rollout_id: str
-    index: int
-    prompt: Messages
-    completion: str | None  # the policy's text (None: it chose an action directly)
-    action: str | None  # the action taken (None: the completion named none)
-    valid_action: bool
-    reward: float
-    done: bool
-    expert_action: str | None = None  # the task's expert at this observation
-    info: dict[str, Any] = field(default_factory=dict)
-    prompt_hash: str = ""  # equal prompts (images included) have equal hashes
-
-
-# ---- the store ------------------------------------------------------------------------
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(
-        str(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
-    )
-    db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    return db
-
-
-def _retry_locked(fn: Callable[[], Any], what: str) -> Any:
-    """Switching to WAL can report "locked" without waiting on busy_timeout: retry it."""
-    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
-    delay = 0.01
-    while True:
-        try:
-            return fn()
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
-                raise
-            if time.monotonic() > deadline:
-                raise TraceStoreError(f"{what}: still locked after {BUSY_TIMEOUT_MS} ms") from exc
-            time.sleep(delay)
-            delay = min(delay * 2, 0.5)
-
-
-def _init_schema(db: sqlite3.Connection, path: Path) -> None:
-    mode = _retry_locked(lambda: db.execute("PRAGMA journal_mode = WAL").fetchone()[0], str(path))
-    if str(mode).lower() != "wal":
-        raise TraceStoreError(f"{path}: cannot use WAL mode here (got {mode!r})")
-    db.execute("PRAGMA synchronous = NORMAL")  # WAL keeps the file whole without FULL
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        # Statement by statement: ``executescript`` would commit the transaction first.
-        for statement in SCHEMA.split(";"):
-            if statement.strip():
-                db.execute(statement)
-        row = db.execute("SELECT version FROM schema_version").fetchone()
-        if row is None:
-            db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-        elif row[0] != SCHEMA_VERSION:
-            raise TraceStoreError(
-                f"{path}: trace store schema version {row[0]}; this vlmtune reads "
-                f"version {SCHEMA_VERSION}"
-            )
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
-
-
-_Write = Callable[[sqlite3.Connection], object]
-
-
-class _Writer(threading.Thread):
-    """Drains the queue into short transactions; the only thread that writes."""
-
-    def __init__(self, db: sqlite3.Connection, path: Path, on_rollback: Callable[[], None]) -> None:
-        super().__init__(name=f"trace-writer:{path.name}", daemon=True)
-        self.db, self.path, self.on_rollback = db, path, on_rollback
-        self.queue: queue.Queue[_Write | threading.Event | None] = queue.Queue()
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        while True:
-            first = self.queue.get()
-            batch = [first]
-            while len(batch) < _BATCH:
-                try:
-                    batch.append(self.queue.get_nowait())
-                except queue.Empty:
-                    break
-            writes = [w for w in batch if w is not None and not isinstance(w, threading.Event)]
-            if writes:
-                self._commit(writes)
-            for item in batch:
-                if isinstance(item, threading.Event):
-                    item.set()
-            if any(item is None for item in batch):
-                return
-
-    def _commit(self, writes: list[_Write]) -> None:
-        try:
-            self._transaction(writes)
-        except Exception:
-            # One bad write must not cost the batch: redo them one by one.
-            for write in writes:
-                try:
-                    self._transaction([write])
-                except Exception as exc:
-                    self.error = self.error or TraceStoreError(f"{self.path}: {exc}")
-
-    def _transaction(self, writes: list[_Write]) -> None:
-        _retry_locked(lambda: self.db.execute("BEGIN IMMEDIATE"), str(self.path))
-        try:
-            for write in writes:
-                write(self.db)
-            self.db.execute("COMMIT")
-        except BaseException:
-            if self.db.in_transaction:  # a failed COMMIT may have rolled back already
-                self.db.execute("ROLLBACK")
-            self.on_rollback()  # what the writes learnt inside it is no longer true
-            raise
 
 
 class TraceStore:
@@ -220,22 +53,23 @@ class TraceStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:
-            self._db = _connect(self.path)
-            _init_schema(self._db, self.path)
-            self._read = _connect(self.path)
+            self._db = connect(self.path)
+            use_wal(self._db, self.path)
+            schema.create(self._db, self.path)
+            self._read = connect(self.path)
         except sqlite3.DatabaseError as exc:  # not a database, unreadable, disk full...
             raise TraceStoreError(f"{self.path}: {exc}") from None
         self._read_lock = threading.Lock()
         # sha256 -> data URL, recent reads: steps showing one frame share one string.
         self._urls: dict[str, str] = {}
         self._known_images: dict[str, str] = {}  # sha256 -> mime, as stored (writer thread)
-        self._writer = _Writer(self._db, self.path, self._known_images.clear)
+        self._writer = Writer(self._db, self.path, self._known_images.clear)
         self._writer.start()
         self._closed = False
 
     # -- writing (queued) ---------------------------------------------------------------
 
-    def _put(self, write: _Write) -> None:
+    def _put(self, write: Write) -> None:
         if self._closed:
             raise TraceStoreError(f"{self.path}: the store is closed")
         self._writer.queue.put(write)
