@@ -101,6 +101,12 @@ def test_interrupted_before_any_checkpoint_says_so(tmp_path):
     )
 
 
+def _ctrl_c_reaches_it() -> None:
+    # A shell starts background jobs with SIGINT ignored and a child inherits that, so
+    # under `make test &` (or a CI runner doing the same) the Ctrl-C below never came.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_after_a_checkpoint_names_it_and_the_resume_command(tmp_path):
     toml = write_job(tmp_path, "")
     out = tmp_path / "run"
@@ -112,6 +118,7 @@ def test_ctrl_c_after_a_checkpoint_names_it_and_the_resume_command(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=_ctrl_c_reaches_it,
     )
     deadline = time.monotonic() + 120
     while not (out / "checkpoints" / "step-1").is_dir():
