@@ -141,7 +141,7 @@ class _TrainableHeadLogprobs(torch.autograd.Function):
         chunk_tokens = ctx.chunk_tokens
         N, V = hidden_N_H.shape[0], weight_V_H.shape[0]
         grad_h_N_H = torch.empty_like(hidden_N_H) if ctx.needs_input_grad[0] else None
-        grad_w_V_H = torch.zeros_like(weight_V_H) if ctx.needs_input_grad[1] else None
+        grad_w_V_H: torch.Tensor | None = None  # the first chunk's product starts the sum
         grad_b_V = (
             torch.zeros_like(bias_V) if bias_V is not None and ctx.needs_input_grad[2] else None
         )
@@ -158,8 +158,11 @@ class _TrainableHeadLogprobs(torch.autograd.Function):
             g = z.to(weight_V_H.dtype)
             if grad_h_N_H is not None:
                 grad_h_N_H[start:end] = g @ weight_V_H
-            if grad_w_V_H is not None:
-                grad_w_V_H.addmm_(g.t(), hidden_N_H[start:end])
+            if ctx.needs_input_grad[1]:
+                if grad_w_V_H is None:
+                    grad_w_V_H = g.t() @ hidden_N_H[start:end]
+                else:
+                    grad_w_V_H.addmm_(g.t(), hidden_N_H[start:end])
             if grad_b_V is not None:
                 grad_b_V.add_(z.sum(dim=0).to(grad_b_V.dtype))
         return grad_h_N_H, grad_w_V_H, grad_b_V, None, None
