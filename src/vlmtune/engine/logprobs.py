@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -62,9 +62,7 @@ class _FrozenHeadLogprobs(torch.autograd.Function):
     states). Against autograd through the chunk (or a checkpointed chunk) this keeps no
     (chunk, V) block for backward and recomputes nothing; backward is a scaling.
 
-    Every chunk goes through one fp32 (chunk, V) buffer, allocated once per call and
-    updated in place: freeing and reallocating ~32 MiB blocks per chunk fragments
-    glibc's heap (small tensors land in the freed blocks) until RSS holds GiBs of them.
+    Every chunk goes through one reused fp32 (chunk, V) buffer (``_softmax_chunks``).
     """
 
     @staticmethod
@@ -76,20 +74,15 @@ class _FrozenHeadLogprobs(torch.autograd.Function):
         targets_N: torch.Tensor,
         chunk_tokens: int,
     ) -> torch.Tensor:
-        N, V = hidden_N_H.shape[0], weight_V_H.shape[0]
-        buf = torch.empty(min(N, chunk_tokens), V, dtype=torch.float32, device=hidden_N_H.device)
-        lp_N = torch.empty(N, dtype=torch.float32, device=hidden_N_H.device)
+        lp_N = torch.empty(hidden_N_H.shape[0], dtype=torch.float32, device=hidden_N_H.device)
         dlp_N_H = torch.empty_like(hidden_N_H)
-        for start in range(0, N, chunk_tokens):
-            z = _shifted_logits(buf, hidden_N_H, weight_V_H, bias_V, start, chunk_tokens)
-            end = start + z.shape[0]
-            t_n1 = targets_N[start:end].unsqueeze(-1)
-            z_t = z.gather(-1, t_n1).squeeze(-1)
-            sum_n1 = z.exp_().sum(dim=-1, keepdim=True)
-            lp_N[start:end] = z_t - sum_n1.squeeze(-1).log()
-            # onehot - softmax, in place
-            z.div_(sum_n1.neg_()).scatter_add_(-1, t_n1, torch.ones_like(t_n1, dtype=z.dtype))
-            dlp_N_H[start:end] = z.to(weight_V_H.dtype) @ weight_V_H
+        for rows, p, sum_n1, z_t, t_n1 in _softmax_chunks(
+            hidden_N_H, weight_V_H, bias_V, targets_N, chunk_tokens
+        ):
+            lp_N[rows] = z_t - sum_n1.squeeze(-1).log()
+            dlp_N_H[rows] = (
+                _onehot_minus_softmax_(p, sum_n1, t_n1).to(weight_V_H.dtype) @ weight_V_H
+            )
         ctx.save_for_backward(dlp_N_H)
         return lp_N
 
@@ -123,14 +116,11 @@ class _TrainableHeadLogprobs(torch.autograd.Function):
         targets_N: torch.Tensor,
         chunk_tokens: int,
     ) -> torch.Tensor:
-        N, V = hidden_N_H.shape[0], weight_V_H.shape[0]
-        buf = torch.empty(min(N, chunk_tokens), V, dtype=torch.float32, device=hidden_N_H.device)
-        lp_N = torch.empty(N, dtype=torch.float32, device=hidden_N_H.device)
-        for start in range(0, N, chunk_tokens):
-            z = _shifted_logits(buf, hidden_N_H, weight_V_H, bias_V, start, chunk_tokens)
-            t_n1 = targets_N[start : start + z.shape[0]].unsqueeze(-1)
-            z_t = z.gather(-1, t_n1).squeeze(-1)
-            lp_N[start : start + z.shape[0]] = z_t - z.exp_().sum(dim=-1).log()
+        lp_N = torch.empty(hidden_N_H.shape[0], dtype=torch.float32, device=hidden_N_H.device)
+        for rows, _, sum_n1, z_t, _ in _softmax_chunks(
+            hidden_N_H, weight_V_H, bias_V, targets_N, chunk_tokens
+        ):
+            lp_N[rows] = z_t - sum_n1.squeeze(-1).log()
         ctx.save_for_backward(hidden_N_H, weight_V_H, bias_V, targets_N)
         ctx.chunk_tokens = chunk_tokens
         return lp_N
@@ -138,54 +128,66 @@ class _TrainableHeadLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_N: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         hidden_N_H, weight_V_H, bias_V, targets_N = ctx.saved_tensors
-        chunk_tokens = ctx.chunk_tokens
-        N, V = hidden_N_H.shape[0], weight_V_H.shape[0]
         grad_h_N_H = torch.empty_like(hidden_N_H) if ctx.needs_input_grad[0] else None
         grad_w_V_H: torch.Tensor | None = None  # the first chunk's product starts the sum
         grad_b_V = (
             torch.zeros_like(bias_V) if bias_V is not None and ctx.needs_input_grad[2] else None
         )
-        buf = torch.empty(min(N, chunk_tokens), V, dtype=torch.float32, device=hidden_N_H.device)
-        for start in range(0, N, chunk_tokens):
-            z = _shifted_logits(buf, hidden_N_H, weight_V_H, bias_V, start, chunk_tokens)
-            end = start + z.shape[0]
-            t_n1 = targets_N[start:end].unsqueeze(-1)
+        for rows, p, sum_n1, _, t_n1 in _softmax_chunks(
+            hidden_N_H, weight_V_H, bias_V, targets_N, ctx.chunk_tokens
+        ):
             # G = grad * (onehot - softmax), in place in the logits buffer
-            z.exp_()
-            z.div_(z.sum(dim=-1, keepdim=True).neg_())
-            z.scatter_add_(-1, t_n1, torch.ones_like(t_n1, dtype=z.dtype))
-            z.mul_(grad_N[start:end].unsqueeze(-1).to(z.dtype))
-            g = z.to(weight_V_H.dtype)
+            G = _onehot_minus_softmax_(p, sum_n1, t_n1).mul_(grad_N[rows].unsqueeze(-1))
+            g = G.to(weight_V_H.dtype)
             if grad_h_N_H is not None:
-                grad_h_N_H[start:end] = g @ weight_V_H
+                grad_h_N_H[rows] = g @ weight_V_H
             if ctx.needs_input_grad[1]:
                 if grad_w_V_H is None:
-                    grad_w_V_H = g.t() @ hidden_N_H[start:end]
+                    grad_w_V_H = g.t() @ hidden_N_H[rows]
                 else:
-                    grad_w_V_H.addmm_(g.t(), hidden_N_H[start:end])
+                    grad_w_V_H.addmm_(g.t(), hidden_N_H[rows])
             if grad_b_V is not None:
-                grad_b_V.add_(z.sum(dim=0).to(grad_b_V.dtype))
+                grad_b_V.add_(G.sum(dim=0).to(grad_b_V.dtype))
         return grad_h_N_H, grad_w_V_H, grad_b_V, None, None
 
 
-def _shifted_logits(
-    buf: torch.Tensor,
+def _softmax_chunks(
     hidden_N_H: torch.Tensor,
     weight_V_H: torch.Tensor,
     bias_V: torch.Tensor | None,
-    start: int,
+    targets_N: torch.Tensor,
     chunk_tokens: int,
+) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Each chunk's ``(rows, exp_z, sum_n1, z_target, targets_n1)``: ``exp_z`` is
+    ``exp(logits - row max)`` in fp32, written into one buffer that every chunk reuses
+    (freeing and reallocating ~32 MiB blocks per chunk fragments glibc's heap: small
+    tensors land in the freed blocks until RSS holds GiBs of them), so it is
+    valid until the next chunk; ``z_target - log(sum_n1)`` is ``log p(target)``."""
+    N, V = hidden_N_H.shape[0], weight_V_H.shape[0]
+    buf = torch.empty(min(N, chunk_tokens), V, dtype=torch.float32, device=hidden_N_H.device)
+    fp32 = weight_V_H.dtype == torch.float32 and hidden_N_H.dtype == torch.float32
+    for start in range(0, N, chunk_tokens):
+        h = hidden_N_H[start : start + chunk_tokens]
+        rows = slice(start, start + h.shape[0])
+        z = buf[: h.shape[0]]
+        if fp32:
+            torch.mm(h, weight_V_H.t(), out=z)
+            if bias_V is not None:
+                z.add_(bias_V)
+        else:  # fp32 for the softmax, as in _chunk_logprobs
+            z.copy_(F.linear(h, weight_V_H, bias_V))
+        z.sub_(z.amax(dim=-1, keepdim=True))
+        t_n1 = targets_N[rows].unsqueeze(-1)
+        z_t = z.gather(-1, t_n1).squeeze(-1)
+        yield rows, z, z.exp_().sum(dim=-1, keepdim=True), z_t, t_n1
+
+
+def _onehot_minus_softmax_(
+    exp_z: torch.Tensor, sum_n1: torch.Tensor, t_n1: torch.Tensor
 ) -> torch.Tensor:
-    """One chunk's logits minus their row maximum, fp32, written into ``buf``."""
-    h = hidden_N_H[start : start + chunk_tokens]
-    z = buf[: h.shape[0]]
-    if weight_V_H.dtype == torch.float32 and hidden_N_H.dtype == torch.float32:
-        torch.mm(h, weight_V_H.t(), out=z)
-        if bias_V is not None:
-            z.add_(bias_V)
-    else:  # fp32 for the softmax, as in _chunk_logprobs
-        z.copy_(F.linear(h, weight_V_H, bias_V))
-    return z.sub_(z.amax(dim=-1, keepdim=True))
+    """``onehot(t) - softmax`` in place in ``exp_z`` (``d log p(t) / d logits``)."""
+    exp_z.div_(-sum_n1).scatter_add_(-1, t_n1, torch.ones_like(t_n1, dtype=exp_z.dtype))
+    return exp_z
 
 
 FusedBackend = Literal["liger", "cce"]

@@ -154,16 +154,23 @@ def two_valued_reward_figure(run: RunData, low: float, high: float) -> Figure:
     return Figure("Reward per step", caption, svg)
 
 
-def skipped_figure(run: RunData) -> Figure | None:
-    if not has(run.train, "frac_groups_skipped"):
+def _share_figure(run: RunData, key: str, label: str, title: str, caption: str) -> Figure | None:
+    """One per-step share (0-1) of the training records, as a percentage curve."""
+    if not has(run.train, key):
         return None
-    xs, ys = column(run.train, "frac_groups_skipped")
-    svg = line_plot(noisy_series("groups skipped", xs, ys), y_min=0, y_max=1, percent=True)
-    return Figure(
+    xs, ys = column(run.train, key)
+    svg = line_plot(noisy_series(label, xs, ys), y_min=0, y_max=1, percent=True)
+    return Figure(title, caption, svg)
+
+
+def skipped_figure(run: RunData) -> Figure | None:
+    return _share_figure(
+        run,
+        "frac_groups_skipped",
+        "groups skipped",
         "Skipped groups",
         "Share of each step's prompts whose samples all got the same reward: zero "
         "advantage, nothing learned from them. Mostly skipped for long means little learning.",
-        svg,
     )
 
 
@@ -184,15 +191,13 @@ def dpo_rewards_figure(run: RunData) -> Figure | None:
 
 
 def reward_accuracy_figure(run: RunData) -> Figure | None:
-    if not has(run.train, "reward_accuracy"):
-        return None
-    xs, ys = column(run.train, "reward_accuracy")
-    svg = line_plot(noisy_series("reward accuracy", xs, ys), y_min=0, y_max=1, percent=True)
-    return Figure(
+    return _share_figure(
+        run,
+        "reward_accuracy",
+        "reward accuracy",
         "Reward accuracy",
         "Share of each step's pairs whose chosen response the model already prefers "
         "over the rejected one, by more than the reference does.",
-        svg,
     )
 
 

@@ -119,20 +119,29 @@ async def get_job_report(
     Open it in a browser with the URL ``report_link`` gives (its ``token`` stands in
     for the API key a browser cannot send)."""
     job = ctx(request).jobs.get(job_id, tenant_of(request))
-    page = await run_in_threadpool(job_report, job)
-    # no-store: the token is in the URL; referrer: never send that URL to another site
-    headers = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
-    return HTMLResponse(page, headers=headers)
+    return _page(await run_in_threadpool(job_report, job))
 
 
 @router.get("/v1/jobs/{job_id}/report_link", response_model=ReportLink)
 async def get_job_report_link(job_id: str, request: Request) -> SafeJSON:
     """A URL of the job's report page that a browser opens without a key, for a day."""
     job = ctx(request).jobs.get(job_id, tenant_of(request))
+    return _signed_link(request, report_path(job["id"]))
+
+
+def _page(html: str) -> HTMLResponse:
+    # no-store: the token is in the URL; referrer: never send that URL to another site
+    return HTMLResponse(
+        html, headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
+    )
+
+
+def _signed_link(request: Request, path: str) -> SafeJSON:
+    """``path``'s URL with a token that stands in for the caller's key for a day."""
     links: ReportLinks = request.app.state.report_links
-    path = report_path(job["id"])
     token, expires = links.token(path, caller(request))
-    url = f"{str(request.base_url).rstrip('/')}{path}?{TOKEN_PARAM}={token}"
+    # The token signs the decoded path, which is what the server compares it with.
+    url = f"{str(request.base_url).rstrip('/')}{quote(path)}?{TOKEN_PARAM}={token}"
     return SafeJSON({"url": url, "expires_at": expires})
 
 
@@ -158,18 +167,10 @@ async def get_run_report(
     throughput of each ``optim_step`` the server recorded. Open it in a browser with
     the URL ``report_link`` gives."""
     row = _run_row(request, run_id)
-    page = await run_in_threadpool(run_report, row)
-    headers = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
-    return HTMLResponse(page, headers=headers)
+    return _page(await run_in_threadpool(run_report, row))
 
 
 @router.get("/api/v1/training_runs/{run_id}/report_link", response_model=ReportLink)
 async def get_run_report_link(run_id: str, request: Request) -> SafeJSON:
     """A URL of the run's report page that a browser opens without a key, for a day."""
-    row = _run_row(request, run_id)
-    links: ReportLinks = request.app.state.report_links
-    path = run_report_path(row["id"])
-    token, expires = links.token(path, caller(request))
-    # The token signs the decoded path, which is what the server compares it with.
-    url = f"{str(request.base_url).rstrip('/')}{quote(path)}?{TOKEN_PARAM}={token}"
-    return SafeJSON({"url": url, "expires_at": expires})
+    return _signed_link(request, run_report_path(_run_row(request, run_id)["id"]))
